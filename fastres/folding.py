@@ -1,0 +1,87 @@
+"""Eval-mode BatchNorm folding, and a cache that can never go stale.
+
+BN(conv(x)) = conv(x, w * g / sqrt(var + eps)) + (b - mean * g / sqrt(var + eps) + conv_bias * ...)
+is computed in float32 (float64 for float64 models) and only then cast to the compute dtype:
+folding in fp16 would round g / sqrt(var + eps) before the multiply.
+
+FoldCache keys each result on the identity of every source tensor: its storage pointer, its
+version counter (bumped by every in-place write: optimizer steps, load_state_dict, no_grad edits),
+dtype, device, shape and strides, plus eps. `.to()`, `.half()` and friends give a parameter new
+storage, so they change the key too. The cache holds a reference to the storages it was computed
+from, so a freed storage's address cannot be reused by a new tensor and alias a stale entry.
+The one write it cannot see is an in-place edit through `param.data`, which PyTorch deliberately
+hides from version counters: call fastres.refresh(model) after such edits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                 bn_bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
+                 dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Return (weight, bias) of the conv with the eval-mode BN folded in.
+
+    The weight is cast to `dtype` (default: the conv weight's dtype) and laid out channels_last,
+    i.e. each output channel's (r, s, c) filter is contiguous, which is the order the kernel
+    reduces in. The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
+    kernel's epilogue. affine=False BNs (no weight/bias) are handled.
+    """
+    dtype = dtype or conv_weight.dtype
+    math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        scale = torch.rsqrt(running_var.to(math) + eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight.to(math)
+        shift = -running_mean.to(math) * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias.to(math)
+        if conv_bias is not None:
+            shift = shift + conv_bias.to(math) * scale
+        weight = (conv_weight.to(math) * scale.view(-1, 1, 1, 1)).to(dtype)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return weight, shift
+
+
+def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    return fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                        bn.running_var, bn.eps)
+
+
+def _signature(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride(),
+            t.storage_offset())
+
+
+class FoldCache:
+    """Caches one computed value per set of source tensors; recomputes when any source changed."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._value = None
+        self._keep_alive: list = []
+
+    def clear(self) -> None:
+        self._key, self._value, self._keep_alive = None, None, []
+
+    def get(self, sources: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            # Under torch.compile the folding is traced into the graph (inductor fuses it);
+            # version counters are not visible to the tracer.
+            return compute()
+        key = tuple(_signature(t) for t in sources) + tuple(extra)
+        if key != self._key:
+            with torch.no_grad():
+                value = compute()
+            self._keep_alive = [t.untyped_storage() for t in sources if t is not None]
+            self._key, self._value = key, value
+        return self._value
+
+
+def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
+    return [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]

@@ -1,0 +1,401 @@
+"""Drop-in modules that run fused kernels in eval mode.
+
+* FusedConvBNReLU: an nn.Sequential(conv, bn[, relu]) whose state_dict keys (0.*, 1.*) match
+  torchvision's Conv2dNormActivation and any user Sequential(conv, bn, relu).
+* FusedBasicBlock / FusedBottleneck: the torchvision blocks (same constructor, same child names,
+  so state_dicts load both ways with strict=True); eval forward = 2 / 3 kernel launches, the
+  downsample conv1x1+BN (if any) reduced into the last conv's accumulator.
+* FusedConv2d / FoldedBatchNorm2d / FoldedReLU: what fastres.optimize() puts in place of a
+  conv -> bn -> relu chain whose modules are separate attributes of a parent (the ResNet stem).
+  They share their parameter/buffer/child dicts with the modules they replace, so the state_dict
+  is unchanged and fastres.restore() can hand the originals back in sync.
+
+Which path runs is decided by the BatchNorms' own `training` flags, the single source of truth:
+all BNs in eval -> fused (folded) path; any BN in train mode -> exactly the unfused computation
+(running-stat updates included). Within the fused path, inputs the kernel does not handle fall
+back to the reference computation, documented per case in `fallback_reason`:
+  * autograd is recording and the input or a parameter requires grad (the fused eval kernels
+    have no backward yet; use torch.no_grad()/torch.inference_mode() for inference),
+  * dtypes other than float32/float16/bfloat16 (e.g. float64),
+  * convs the kernel cannot do: groups > 1, padding_mode other than 'zeros', asymmetric 'same'.
+Input that is simply wrong (mismatched dtypes or devices, wrong rank, wrong residual shape)
+raises a clear error instead.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastres import reference
+from fastres.folding import FoldCache, conv_bn_sources, fold_conv_bn, fold_modules
+from fastres.ops import SUPPORTED_DTYPES, conv_bn_act
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernel can fuse
+
+def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """The conv's padding as a pair, or None when it is not a symmetric zero padding."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
+
+
+def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
+    if type(conv).forward is not nn.Conv2d.forward or not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.groups != 1:
+        return f"grouped convolution (groups={conv.groups}) is not supported by the kernel"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported by the kernel"
+    if conv_padding(conv) is None:
+        return "asymmetric 'same' padding is not supported by the kernel"
+    return None
+
+
+def bn_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if bn.running_mean is None or bn.running_var is None:
+        return ("BatchNorm2d without running stats normalises with batch statistics even in eval "
+                "mode, so it cannot be folded")
+    if bn.num_features != channels:
+        return f"BatchNorm2d has {bn.num_features} features, the conv has {channels} outputs"
+    return None
+
+
+def _fallback_reason(x: Tensor, modules: List[nn.Module]) -> Optional[str]:
+    """Why this call cannot take the fused path (None: it can)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype} (the kernel supports float32, float16, bfloat16)"
+    if torch.is_grad_enabled():
+        if x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
+            return "autograd is recording (run inference under torch.no_grad()/inference_mode())"
+    return None
+
+
+def _as_batched(x: Tensor) -> Tuple[Tensor, bool]:
+    """nn.Conv2d accepts an unbatched (C, H, W) input; so do the fused modules."""
+    if x.dim() == 3:
+        return x.unsqueeze(0), True
+    if x.dim() != 4:
+        raise ValueError(f"fastres: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got shape "
+                         f"{tuple(x.shape)}")
+    return x, False
+
+
+def _fused_conv_bn(x: Tensor, conv: nn.Conv2d, folded: Tuple[Tensor, Tensor], relu: bool,
+                   residual: Optional[Tensor] = None, shortcut=None, bias: Optional[Tensor] = None):
+    weight, shift = folded
+    return conv_bn_act(x, weight, shift if bias is None else bias, stride=conv.stride,
+                       padding=conv_padding(conv), dilation=conv.dilation, residual=residual,
+                       shortcut=shortcut, relu=relu)
+
+
+def _check_params_match(x: Tensor, conv: nn.Conv2d, name: str) -> None:
+    w = conv.weight
+    if w.dtype != x.dtype:
+        raise TypeError(f"fastres: input dtype {x.dtype} does not match {name}.weight dtype {w.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
+
+
+def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    return cache.get(conv_bn_sources(conv, bn), (bn.eps,), lambda: fold_modules(conv, bn))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv + BN (+ ReLU) as a Sequential
+
+class FusedConvBNReLU(nn.Sequential):
+    """conv2d + BatchNorm2d (+ ReLU) in one kernel launch in eval mode.
+
+    Same children (0: Conv2d, 1: BatchNorm2d, 2: ReLU) and hence the same state_dict keys as
+    torchvision.ops.Conv2dNormActivation and nn.Sequential(conv, bn, relu).
+
+        block = FusedConvBNReLU(64, 128, kernel_size=3, stride=2).eval()
+        y = block(x)                       # one fused launch on CUDA
+        block = FusedConvBNReLU.from_modules(conv, bn, relu=True)   # wrap existing modules
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: Optional[int] = None, dilation: int = 1, bias: bool = False,
+                 relu: bool = True, eps: float = 1e-5, momentum: float = 0.1, device=None,
+                 dtype=None) -> None:
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                            bias=bias, device=device, dtype=dtype),
+                  nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+        self._fold_cache = FoldCache()
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "FusedConvBNReLU":
+        """Wrap existing modules (shared, not copied). Raises ValueError if they cannot fuse."""
+        reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+        if reason:
+            raise ValueError(f"FusedConvBNReLU.from_modules: {reason}")
+        self = cls.__new__(cls)
+        layers = [conv, bn] + ([nn.ReLU(inplace=True)] if relu else [])
+        nn.Sequential.__init__(self, *layers)
+        self._fold_cache = FoldCache()
+        return self
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        return conv_unfusable_reason(self[0]) or bn_unfusable_reason(self[1], self[0].out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn, relu = self[0], self[1], len(self) > 2
+        if bn.training or self.fallback_reason or _fallback_reason(x, [conv, bn]):
+            return super().forward(x)
+        x, unbatched = _as_batched(x)
+        _check_params_match(x, conv, "0")
+        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn), relu)
+        return out.squeeze(0) if unbatched else out
+
+
+# ---------------------------------------------------------------------------------------------
+# conv -> bn -> relu chain whose modules are attributes of a parent (the ResNet stem)
+
+def _share_state(cls, original: nn.Module) -> nn.Module:
+    """A `cls` instance that shares the original's parameter, buffer and child dicts, so both
+    always see the same tensors (state_dict unchanged, restore() trivially in sync)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(original.__dict__)
+    new.__dict__["_fastres_original"] = original
+    return new
+
+
+class FusedConv2d(nn.Conv2d):
+    """An nn.Conv2d that, while its BatchNorm is in eval mode, also applies that BN (folded) and
+    optionally the following ReLU. Made by fastres.optimize(); the BN becomes a FoldedBatchNorm2d
+    and the ReLU a FoldedReLU, which pass their input through while the BN is in eval mode."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, fuse_relu: bool) -> "FusedConv2d":
+        new = _share_state(cls, conv)
+        new.__dict__["_folded_bn"] = bn  # not registered as a child: its parent owns it
+        new.__dict__["_fuse_relu"] = fuse_relu
+        new.__dict__["_fold_cache"] = FoldCache()
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self._folded_bn
+        if bn.training:
+            return super().forward(x)  # the BN module runs next, in train mode
+        if conv_unfusable_reason(self) or _fallback_reason(x, [self, bn]):
+            out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
+                               bn.bias, False, 0.0, bn.eps)
+            return F.relu(out) if self._fuse_relu else out
+        x, unbatched = _as_batched(x)
+        _check_params_match(x, self, "conv")
+        out = _fused_conv_bn(x, self, _fold(self._fold_cache, self, bn), self._fuse_relu)
+        return out.squeeze(0) if unbatched else out
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d folded into the preceding FusedConv2d: identity in eval mode (the conv
+    already applied it), an ordinary BatchNorm2d in train mode."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
+        return _share_state(cls, bn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.training else x
+
+
+class FoldedReLU(nn.ReLU):
+    """A ReLU fused into the preceding FusedConv2d: identity while that conv's BN is in eval mode."""
+
+    @classmethod
+    def from_relu(cls, relu: nn.ReLU, bn: nn.BatchNorm2d) -> "FoldedReLU":
+        new = _share_state(cls, relu)
+        new.__dict__["_folded_bn"] = bn
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self._folded_bn.training else x
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet blocks
+
+def _conv3x3(cin, cout, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, groups=groups, bias=False, dilation=dilation)
+
+
+def _conv1x1(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class _FusedBlock(nn.Module):
+    """Shared machinery of the fused blocks; subclasses define the conv/bn stages."""
+
+    _reference: Callable = None  # reference.basic_block_reference / bottleneck_reference
+    _stages: Tuple[str, ...] = ()
+
+    def _init_caches(self) -> None:
+        self._fold_caches = {name: FoldCache() for name in self._stages + ("last",)}
+        self.__dict__["_original"] = None  # the wrapped block, deliberately not a child module
+
+    @classmethod
+    def from_block(cls, block: nn.Module) -> "_FusedBlock":
+        """Wrap an existing block (torchvision, timm or user) in place: its children become this
+        module's children under the same names (shared, not copied), so the state_dict is the
+        same. fastres.optimize() checks a block can be wrapped before calling this."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            new.add_module(name, child)
+        new.downsample = getattr(block, "downsample", None)  # None is a plain attribute
+        new.stride = getattr(block, "stride", None)
+        new._init_caches()
+        new.__dict__["_original"] = block
+        new.train(block.training)
+        return new
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_original", None) is not None:
+            self._original.training = mode
+        return self
+
+    def _bns(self) -> List[nn.Module]:
+        bns = [getattr(self, "bn" + name[-1]) for name in self._stages]
+        if self.downsample is not None:
+            bns.append(self.downsample[1])
+        return bns
+
+    def _convs(self) -> List[nn.Module]:
+        convs = [getattr(self, name) for name in self._stages]
+        if self.downsample is not None:
+            convs.append(self.downsample[0])
+        return convs
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        """Why the eval forward runs the reference path whatever the input (None: it fuses)."""
+        for conv, bn in zip(self._convs(), self._bns()):
+            reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+            if reason:
+                return reason
+        if self.downsample is not None:
+            ds = self.downsample
+            if len(ds) != 2 or ds[0].kernel_size != (1, 1) or conv_padding(ds[0]) != (0, 0) \
+                    or ds[0].dilation != (1, 1):
+                return "the downsample is not a 1x1 conv + BatchNorm2d"
+        return None
+
+    def _unfused_forward(self, x: Tensor) -> Tensor:
+        if self._original is not None:
+            # A wrapped block runs its own forward (timm's drop-path etc. included), on the same
+            # child modules as ours.
+            self._original._modules.update(self._modules)
+            return self._original(x)
+        return type(self)._reference(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(bn.training for bn in self._bns()) or self.fallback_reason \
+                or _fallback_reason(x, self._convs() + self._bns()):
+            return self._unfused_forward(x)
+        x, unbatched = _as_batched(x)
+        convs = [getattr(self, name) for name in self._stages]
+        for i, conv in enumerate(convs):
+            _check_params_match(x, conv, self._stages[i])
+        out = x
+        # Every stage but the last: conv + folded BN + ReLU.
+        for name, conv in zip(self._stages[:-1], convs[:-1]):
+            bn = getattr(self, "bn" + name[-1])
+            out = _fused_conv_bn(out, conv, _fold(self._fold_caches[name], conv, bn), relu=True)
+        # Last stage: conv + folded BN + shortcut + ReLU in one launch.
+        last, last_bn = convs[-1], getattr(self, "bn" + self._stages[-1][-1])
+        if self.downsample is None:
+            out = _fused_conv_bn(out, last, _fold(self._fold_caches["last"], last, last_bn),
+                                 relu=True, residual=x)
+        else:
+            ds_conv, ds_bn = self.downsample[0], self.downsample[1]
+            _check_params_match(x, ds_conv, "downsample.0")
+            w, w2, bias = self._fold_caches["last"].get(
+                conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
+                (last_bn.eps, ds_bn.eps),
+                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn))
+            out = _fused_conv_bn(out, last, (w, None), relu=True,
+                                 shortcut=(x, w2, ds_conv.stride), bias=bias)
+        return out.squeeze(0) if unbatched else out
+
+    @staticmethod
+    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn):
+        w, b = fold_modules(conv, bn)
+        w2, b2 = fold_modules(ds_conv, ds_bn)
+        return w, w2, b + b2
+
+
+class FusedBasicBlock(_FusedBlock):
+    """torchvision's BasicBlock (same constructor and child names); eval forward = 2 launches:
+    conv1+bn1+relu, then conv2+bn2 (+ downsample conv1x1+bn as a second GEMM) + residual + relu."""
+
+    expansion = 1
+    _reference = reference.basic_block_reference
+    _stages = ("conv1", "conv2")
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_caches()
+
+
+class FusedBottleneck(_FusedBlock):
+    """torchvision's Bottleneck (v1.5, stride on the 3x3; same constructor and child names);
+    eval forward = 3 launches, the downsample fused into the last one."""
+
+    expansion = 4
+    _reference = reference.bottleneck_reference
+    _stages = ("conv1", "conv2", "conv3")
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_caches()

@@ -1,0 +1,207 @@
+"""Functional entry point of the fused convolution, registered as a torch custom op.
+
+`conv_bn_act` computes  relu?( conv(x, weight) + bias + shortcut_conv(x2, weight2) + residual )
+with the BatchNorm already folded into `weight`/`bias` (see fastres.folding). Where it runs:
+
+* CUDA tensors: the Triton kernel in fastres.kernels.conv.
+* CPU tensors with TRITON_INTERPRET=1 set before fastres was imported: the same Triton kernel
+  through Triton's interpreter (this is how the test-suite checks the kernels without a GPU).
+* other CPU tensors: plain torch ops on the folded weights (a conv with bias, in-place add/ReLU),
+  which is never slower than the unfused conv + BatchNorm + ReLU it replaces.
+
+`FASTRES_BACKEND=torch|triton` (read on every call) overrides the choice, for tests and debugging.
+The op is a `torch.library.custom_op` with a fake implementation, so `torch.compile(fullgraph=True)`
+sees one opaque node per fused convolution.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastres.kernels import conv as conv_kernels
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP32_PRECISIONS = ("ieee", "tf32")
+_fp32_precision_override: Optional[str] = None
+
+IntPair = Union[int, Sequence[int]]
+
+
+def set_fp32_precision(precision: Optional[str]) -> None:
+    """Choose how fp32 convolutions multiply on the GPU: "ieee" (exact fp32 products), "tf32"
+    (tensor cores, ~1e-3 relative error) or None (the default: follow
+    torch.backends.cudnn.allow_tf32, i.e. do what PyTorch's own fp32 convolutions do)."""
+    global _fp32_precision_override
+    if precision is not None and precision not in _FP32_PRECISIONS:
+        raise ValueError(f"fp32 precision must be one of {_FP32_PRECISIONS} or None, got {precision!r}")
+    _fp32_precision_override = precision
+
+
+def get_fp32_precision() -> str:
+    """The precision fp32 convolutions use on the GPU now ("ieee" or "tf32")."""
+    if _fp32_precision_override is not None:
+        return _fp32_precision_override
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def backend_for(x: Tensor) -> str:
+    """"triton" or "torch": which implementation runs for a tensor on x's device."""
+    forced = os.environ.get("FASTRES_BACKEND", "").strip().lower()
+    if forced in ("torch", "triton"):
+        if forced == "triton" and x.device.type == "cpu" and not conv_kernels.INTERPRETED:
+            raise RuntimeError("FASTRES_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set "
+                               "before fastres is imported")
+        return forced
+    if forced:
+        raise ValueError(f"FASTRES_BACKEND must be 'torch' or 'triton', got {forced!r}")
+    if x.device.type == "cuda" or conv_kernels.INTERPRETED:
+        return "triton"
+    return "torch"
+
+
+def _pair(value: IntPair, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    value = [int(v) for v in value]
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value}")
+    return value
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The output keeps the input's memory format: channels_last stays channels_last."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilation, stride2,
+                fp32_precision) -> Tuple[int, int, int, int]:
+    """Validate everything the kernel relies on; return the output shape (N, K, P, Q)."""
+    if x.dim() != 4:
+        raise ValueError(f"fastres conv: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"fastres conv: weight must be 4-D (K, C, R, S), got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fastres conv: input dtype {x.dtype} is not supported "
+                        f"(supported: float32, float16, bfloat16)")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"fastres conv: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    tensors = {"weight": weight, "bias": bias, "residual": residual, "shortcut input": x2,
+               "shortcut weight": weight2}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fastres conv: {name} is on {t.device} but the input is on {x.device}")
+    N, C, H, W = x.shape
+    K, Cw, R, S = weight.shape
+    if Cw != C:
+        raise ValueError(f"fastres conv: weight expects {Cw} input channels, input has {C} "
+                         f"(grouped convolutions are not supported by the fused kernel)")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"fastres conv: bad stride {stride} / padding {padding} / dilation {dilation}")
+    P = _output_size(H, R, stride[0], padding[0], dilation[0])
+    Q = _output_size(W, S, stride[1], padding[1], dilation[1])
+    if P < 1 or Q < 1:
+        raise ValueError(f"fastres conv: input {H}x{W} is too small for a {R}x{S} kernel with "
+                         f"padding {padding} and dilation {dilation}")
+    if bias is not None and (bias.shape != (K,) or bias.dtype != torch.float32):
+        raise ValueError(f"fastres conv: bias must be float32 of shape ({K},), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+    if residual is not None:
+        if tuple(residual.shape) != (N, K, P, Q):
+            raise ValueError(f"fastres conv: residual has shape {tuple(residual.shape)}, "
+                             f"the output is {(N, K, P, Q)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fastres conv: residual dtype {residual.dtype} does not match input dtype {x.dtype}")
+    if (x2 is None) != (weight2 is None):
+        raise ValueError("fastres conv: shortcut input and shortcut weight must be given together")
+    if x2 is not None:
+        if x2.dim() != 4 or x2.shape[0] != N:
+            raise ValueError(f"fastres conv: shortcut input must be 4-D with batch {N}, got {tuple(x2.shape)}")
+        if x2.dtype != x.dtype or weight2.dtype != x.dtype:
+            raise TypeError(f"fastres conv: shortcut tensors must be {x.dtype}, got {x2.dtype} and {weight2.dtype}")
+        if tuple(weight2.shape) != (K, x2.shape[1], 1, 1):
+            raise ValueError(f"fastres conv: shortcut weight must be ({K}, {x2.shape[1]}, 1, 1), "
+                             f"got {tuple(weight2.shape)}")
+        if min(stride2) < 1:
+            raise ValueError(f"fastres conv: bad shortcut stride {stride2}")
+        P2 = _output_size(x2.shape[2], 1, stride2[0], 0, 1)
+        Q2 = _output_size(x2.shape[3], 1, stride2[1], 0, 1)
+        if (P2, Q2) != (P, Q):
+            raise ValueError(f"fastres conv: shortcut output is {P2}x{Q2}, main output is {P}x{Q}")
+    if fp32_precision not in _FP32_PRECISIONS:
+        raise ValueError(f"fastres conv: fp32_precision must be one of {_FP32_PRECISIONS}")
+    return N, K, P, Q
+
+
+def _empty_output(x: Tensor, shape) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
+def _conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                 shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
+                 stride: List[int], padding: List[int], dilation: List[int],
+                 shortcut_stride: List[int], relu: bool, fp32_precision: str) -> Tensor:
+    shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
+                        dilation, shortcut_stride, fp32_precision)
+    if backend_for(x) == "triton":
+        out = _empty_output(x, shape)
+        if out.numel() == 0:
+            return out
+        return conv_kernels.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
+                                         out, stride, padding, dilation, shortcut_stride, relu,
+                                         fp32_precision)
+    # Folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops.
+    out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    if shortcut_input is not None:
+        out.add_(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride))
+    if residual is not None:
+        out.add_(residual)
+    if relu:
+        out.relu_()
+    # The fake implementation promises the input's memory format; keep that promise.
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+@_conv_bn_act.register_fake
+def _conv_bn_act_fake(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
+                      dilation, shortcut_stride, relu, fp32_precision):
+    shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
+                        dilation, shortcut_stride, fp32_precision)
+    return _empty_output(x, shape)
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = 1,
+                padding: IntPair = 0, dilation: IntPair = 1, residual: Optional[Tensor] = None,
+                shortcut: Optional[Tuple[Tensor, Tensor, IntPair]] = None, relu: bool = True,
+                fp32_precision: Optional[str] = None) -> Tensor:
+    """relu?(conv2d(x, weight, stride, padding, dilation) + bias [+ shortcut] [+ residual]).
+
+    x: (N, C, H, W) float32/float16/bfloat16, NCHW-contiguous, channels_last or any strides.
+    weight: (K, C, R, S) of x's dtype (BatchNorm already folded in: see fastres.fold_conv_bn).
+    bias: (K,) per-output-channel shift, computed in float32 (other dtypes are converted).
+    residual: (N, K, P, Q) added before the ReLU (the identity shortcut of a ResNet block).
+    shortcut: (x2, weight2, stride2): a 1x1 conv of x2 with stride2 added before the ReLU
+        (the folded downsample of a ResNet block; put its BN shift into `bias`).
+    fp32_precision: "ieee" or "tf32" for float32 inputs on the GPU; default get_fp32_precision().
+    Returns (N, K, P, Q) in x's memory format. Raises ValueError/TypeError on bad input.
+    """
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    x2 = w2 = None
+    stride2 = [1, 1]
+    if shortcut is not None:
+        x2, w2, s2 = shortcut
+        stride2 = _pair(s2, "shortcut stride")
+    return _conv_bn_act(x, weight, bias, residual, x2, w2, _pair(stride, "stride"),
+                        _pair(padding, "padding"), _pair(dilation, "dilation"), stride2, relu,
+                        fp32_precision or get_fp32_precision())

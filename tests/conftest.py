@@ -1,0 +1,59 @@
+"""Test set-up. Without a GPU the Triton kernels run through Triton's interpreter, which must be
+switched on before fastres (and so any @triton.jit) is imported."""
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastres  # noqa: E402,F401  (imported here, after the interpreter switch)
+from fastres import ops  # noqa: E402
+
+# triton 3.6 + numpy emit a DeprecationWarning per runtime-bounded loop under the interpreter.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"triton\..*")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running case; run with --runslow")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output the fused op allocates starts as NaN, so an element the kernel never wrote
+    shows up as NaN in the comparison instead of as plausible leftover memory."""
+    real = ops._empty_output
+
+    def poisoned(x, shape):
+        out = real(x, shape)
+        return out.fill_(float("nan"))
+
+    monkeypatch.setattr(ops, "_empty_output", poisoned)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

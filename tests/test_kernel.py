@@ -1,0 +1,145 @@
+"""Every path of the fused conv kernel against a float64 reference.
+
+Paths: 1x1 / 3x3 / 7x7 stem / rectangular kernels; stride 1/2; padding 0/1/3; dilation; odd N, C,
+K, H, W; more channels than one BLOCK_K and more outputs than one BLOCK_N; channel-loop and
+flattened reductions; bias, residual, ReLU on/off, the dual GEMM (downsample shortcut);
+fp32/fp16/bf16; NCHW and channels_last. The output buffer is NaN-poisoned and surrounded by a
+guard region that must stay untouched.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres import conv_bn_act
+from fastres.kernels import conv as conv_kernels
+from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format, to_format
+
+# name: (N, C, H, W, K, (R, S), stride, padding, dilation, residual, shortcut (C2, stride2), relu)
+CASES = {
+    "1x1":              (2, 37, 7, 9, 19, (1, 1), (1, 1), (0, 0), (1, 1), False, None, True),
+    "1x1_s2":           (2, 20, 9, 9, 24, (1, 1), (2, 2), (0, 0), (1, 1), False, None, True),
+    "3x3_p1_odd":       (3, 19, 11, 7, 21, (3, 3), (1, 1), (1, 1), (1, 1), False, None, True),
+    "3x3_s2_multiblock": (2, 70, 9, 10, 70, (3, 3), (2, 2), (1, 1), (1, 1), False, None, False),
+    "3x3_dil2":         (1, 24, 10, 10, 16, (3, 3), (1, 1), (2, 2), (2, 2), False, None, True),
+    "7x7_s2_p3_stem":   (2, 3, 23, 19, 16, (7, 7), (2, 2), (3, 3), (1, 1), False, None, True),
+    "5x3_mixed":        (2, 9, 12, 11, 17, (5, 3), (2, 1), (2, 1), (1, 2), False, None, True),
+    "3x3_residual":     (2, 21, 8, 9, 21, (3, 3), (1, 1), (1, 1), (1, 1), True, None, True),
+    "1x1_residual_norelu": (3, 33, 5, 7, 29, (1, 1), (1, 1), (0, 0), (1, 1), True, None, False),
+    "1x1_dual_gemm_s2": (2, 17, 5, 5, 40, (1, 1), (1, 1), (0, 0), (1, 1), False, (23, 2), True),
+    "3x3_dual_gemm":    (2, 16, 7, 7, 33, (3, 3), (1, 1), (1, 1), (1, 1), False, (35, 1), False),
+}
+
+
+def make_case(case, dtype, fmt, device):
+    N, C, H, W, K, (R, S), stride, padding, dilation, residual, shortcut, relu = case
+    L = C * R * S
+    x = to_format(torch.randn(N, C, H, W, device=device).to(dtype), fmt)
+    w = (torch.randn(K, C, R, S, device=device) / math.sqrt(L)).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(K, device=device)
+    P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    res = to_format(torch.randn(N, K, P, Q, device=device).to(dtype), fmt) if residual else None
+    sc = None
+    if shortcut:
+        C2, s2 = shortcut
+        x2 = to_format(torch.randn(N, C2, (P - 1) * s2 + 1, (Q - 1) * s2 + 1, device=device).to(dtype), fmt)
+        w2 = (torch.randn(K, C2, 1, 1, device=device) / math.sqrt(C2)).to(dtype)
+        sc = (x2, w2, (s2, s2))
+        L += C2
+    return dict(x=x, w=w, bias=bias, res=res, sc=sc, stride=stride, padding=padding,
+                dilation=dilation, relu=relu, L=L, shape=(N, K, P, Q))
+
+
+def reference(c):
+    d = torch.float64
+    out = F.conv2d(c["x"].to(d), c["w"].to(d), c["bias"].to(d), c["stride"], c["padding"], c["dilation"])
+    if c["sc"] is not None:
+        x2, w2, s2 = c["sc"]
+        out = out + F.conv2d(x2.to(d), w2.to(d), None, s2)
+    if c["res"] is not None:
+        out = out + c["res"].to(d)
+    return torch.relu(out) if c["relu"] else out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_float64_reference(name, dtype, fmt, device):
+    c = make_case(CASES[name], dtype, fmt, device)
+    N, K, P, Q = c["shape"]
+    # Poisoned output inside a poisoned guard region (the interpreter does no bounds checks).
+    guard = torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device)
+    guard = to_format(guard, fmt)
+    out = guard[1:N + 1]
+    x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
+    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+                              c["padding"], c["dilation"], s2, c["relu"], "ieee")
+    assert_close(out, reference(c), dtype, c["L"])
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "channel_loop"])
+@pytest.mark.parametrize("name", ["3x3_p1_odd", "7x7_s2_p3_stem", "5x3_mixed"])
+def test_both_reduction_orders(name, flat, device):
+    c = make_case(CASES[name], torch.float32, torch.channels_last, device)
+    out = torch.full(c["shape"], float("nan"), device=device).contiguous(memory_format=torch.channels_last)
+    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], None, None, out, c["stride"],
+                              c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
+                              flat_reduction=flat)
+    assert_close(out, reference(c), torch.float32, c["L"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_functional_op_keeps_memory_format(dtype, fmt, device):
+    c = make_case(CASES["1x1_dual_gemm_s2"], dtype, fmt, device)
+    out = conv_bn_act(c["x"], c["w"], c["bias"], stride=c["stride"], padding=c["padding"],
+                      dilation=c["dilation"], shortcut=c["sc"], relu=c["relu"])
+    assert is_format(out, fmt) and out.dtype == dtype
+    assert_close(out, reference(c), dtype, c["L"])
+
+
+def test_any_strides_input_and_contiguous_weight(device):
+    """A non-contiguous view (neither NCHW nor NHWC) and an OIHW-contiguous weight: strides only."""
+    base = torch.randn(2, 30, 13, 11, device=device)
+    x = base[:, ::2, 1:, :]  # sliced channels and rows
+    w = torch.randn(12, 15, 3, 3, device=device) / math.sqrt(135)
+    out = conv_bn_act(x, w, torch.zeros(12, device=device), padding=1)
+    ref = F.relu(F.conv2d(x.double(), w.double(), padding=1))
+    assert_close(out, ref, torch.float32, 135)
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 8, 5, 5, device=device)
+    out = conv_bn_act(x, torch.randn(4, 8, 3, 3, device=device), None, padding=1)
+    assert out.shape == (0, 4, 5, 5)
+
+
+def test_torch_backend_matches(monkeypatch, device):
+    """The CPU fast path (folded torch ops) computes the same function as the kernel."""
+    c = make_case(CASES["3x3_dual_gemm"], torch.float32, torch.channels_last, device)
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    c["res"] = torch.randn(c["shape"], device=device).contiguous(memory_format=torch.channels_last)
+    out = conv_bn_act(c["x"], c["w"], c["bias"], stride=c["stride"], padding=c["padding"],
+                      residual=c["res"], shortcut=c["sc"], relu=c["relu"])
+    assert is_format(out, torch.channels_last)
+    assert_close(out, reference(c), torch.float32, c["L"])
+
+
+def test_interpreter_config_blocks_are_at_least_16():
+    cfg = conv_kernels.INTERPRETER_CONFIG
+    assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= conv_kernels.MIN_BLOCK
+
+
+def test_gpu_config_table_is_valid_data():
+    table = conv_kernels.load_config_table()
+    names = {e["name"] for e in table["classes"]}
+    # Every ResNet-50 conv shape lands in a class; the stem is flat, the rest are not.
+    assert conv_kernels.shape_class(table, M=256 * 112 * 112, C=3, K=64, R=7, S=7, flat=True) == "stem"
+    assert conv_kernels.shape_class(table, M=256 * 56 * 56, C=64, K=256, R=1, S=1, flat=False) == "pointwise"
+    assert conv_kernels.shape_class(table, M=256 * 14 * 14, C=256, K=256, R=3, S=3, flat=False) == "spatial"
+    assert conv_kernels.shape_class(table, M=49, C=512, K=512, R=3, S=3, flat=False) == "small_m"
+    assert {"stem", "pointwise", "spatial", "small_m"} <= names
