@@ -54,8 +54,8 @@ def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
     return tuple(conv.padding)
 
 
-def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
-    if type(conv).forward is not nn.Conv2d.forward or not isinstance(conv, nn.Conv2d):
+def conv_unfusable_reason(conv: nn.Module, check_type: bool = True) -> Optional[str]:
+    if check_type and (type(conv).forward is not nn.Conv2d.forward or not isinstance(conv, nn.Conv2d)):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.groups != 1:
         return f"grouped convolution (groups={conv.groups}) is not supported by the kernel"
@@ -157,6 +157,13 @@ class FusedConvBNReLU(nn.Sequential):
         self._fold_cache = FoldCache()
         return self
 
+    def __getitem__(self, idx):
+        # nn.Sequential slices by calling type(self)(OrderedDict); a slice of a fused module is
+        # just a plain Sequential of the same (shared) children.
+        if isinstance(idx, slice):
+            return nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
     @property
     def fallback_reason(self) -> Optional[str]:
         return conv_unfusable_reason(self[0]) or bn_unfusable_reason(self[1], self[0].out_channels)
@@ -200,7 +207,7 @@ class FusedConv2d(nn.Conv2d):
         bn = self._folded_bn
         if bn.training:
             return super().forward(x)  # the BN module runs next, in train mode
-        if conv_unfusable_reason(self) or _fallback_reason(x, [self, bn]):
+        if conv_unfusable_reason(self, check_type=False) or _fallback_reason(x, [self, bn]):
             out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
                                bn.bias, False, 0.0, bn.eps)
             return F.relu(out) if self._fuse_relu else out

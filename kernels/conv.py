@@ -36,7 +36,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used.
-INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16 to compile for a GPU
 
 _launches = 0

@@ -1,0 +1,410 @@
+"""The fastres command line: `python -m fastres demo [options]`.
+
+`demo` converts a torchvision ResNet with fastres.optimize() and shows what that buys:
+  1. the fusion report: what was fused, what was left alone and why;
+  2. a numerical check of the optimized model against an untouched copy of the original;
+  3. kernel launches per forward, before and after;
+  4. time per forward, before and after;
+  5. without a GPU, the check once more through the Triton kernels themselves, run by Triton's
+     interpreter in a subprocess (TRITON_INTERPRET must be set before fastres is imported).
+The exit code is 0 when every check passes and 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torchvision
+import triton
+from torch import Tensor, nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import fastres
+from fastres.kernels import conv as conv_kernels
+from fastres.ops import backend_for
+
+MODELS = sorted(name for name in torchvision.models.list_models(torchvision.models)
+                if name.startswith(("resnet", "wide_resnet", "resnext")))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The interpreter check's problem: every layer of the model still has a distinct shape (the
+# 7x7 stem, all four stages, the downsample shortcuts), and the interpreter stays affordable
+# (resnet50: ~40 s for one forward on one CPU core).
+INTERPRETER_BATCH = 1
+INTERPRETER_SIZE = 64
+
+# Forwards before timing on a GPU, on top of the check and the launch count (the first call
+# autotunes the Triton kernels and folds the BatchNorms): clocks and caches settle.
+CUDA_WARMUP = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, input, check
+
+def randomize_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
+    """torchvision initialises every BatchNorm to the identity (mean 0, var 1, weight 1, bias 0),
+    under which a mistake in folding the scale or the shift could go unnoticed; give each its own
+    statistics and affine parameters, near enough to the identity to keep activations in range."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
+
+
+def build_model(name: str, seed: int, device: torch.device, dtype: torch.dtype,
+                channels_last: bool) -> nn.Module:
+    """torchvision's `name` with random weights (weights=None: nothing is downloaded) and random
+    BatchNorms, in eval mode, on `device` in `dtype`."""
+    torch.manual_seed(seed)  # torchvision initialises the conv and fc weights from the global RNG
+    model = torchvision.models.get_model(name, weights=None)
+    randomize_batchnorms(model, torch.Generator().manual_seed(seed))
+    model.eval().to(device=device, dtype=dtype)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_input(batch: int, size: int, seed: int, device: torch.device, dtype: torch.dtype,
+               channels_last: bool) -> Tensor:
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(device=device, dtype=dtype, memory_format=fmt)
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The pass threshold for max|fastres - original| / max|original| over the model's output."""
+    if dtype != torch.float32:
+        # fp16/bf16: both models round every activation to 11 / 8 significant bits, in different
+        # places (folded weights, fp32 accumulation in the kernel), through ~50 layers.
+        return 2e-2
+    if device.type == "cuda":
+        # fp32 on a GPU: PyTorch's convolutions and fastres's (which follow
+        # torch.backends.cudnn.allow_tf32) multiply in TF32, with a 10-bit mantissa, by default.
+        return 1e-2
+    return 1e-4  # fp32 on a CPU: exact fp32 products, only the order of the sums differs
+
+
+def compare(reference: Tensor, result: Tensor) -> Tuple[float, float]:
+    """(max abs error, max abs error / max |reference|), in float64. NaN if either is not finite."""
+    ref, res = reference.double(), result.double()
+    err = (res - ref).abs().max().item()
+    return err, err / ref.abs().max().item()
+
+
+def describe_backend(x: Tensor) -> str:
+    """What runs the fused convolutions for input x."""
+    if x.device.type == "cuda":
+        return "Triton kernels"
+    if backend_for(x) == "triton":
+        return "Triton kernels through Triton's interpreter"
+    return "folded torch path, not the Triton kernels"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch counts and timing
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ops that do work on their way through the dispatcher: the CPU's stand-in for
+    kernel launches. An op whose outputs all alias its inputs (a view, or a reshape/.to() that
+    did not copy) moved no data and is not counted; in-place ops are. The mode is switched off
+    while an op runs, so fastres::conv_bn_act counts once, like the one kernel it launches on a
+    GPU, whatever it runs inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._schema.is_mutable or not _storages(out) <= _storages((args, kwargs)):
+            self.count += 1
+        return out
+
+
+def _storages(tree) -> set:
+    return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, Tensor)}
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> int:
+    """Kernel launches of one fn() call: the CUDA kernels torch.profiler sees on a GPU, the ops
+    that do work (_OpCounter) on a CPU."""
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
+                       and not e.name.startswith(("Memcpy", "Memset")))
+        counter = _OpCounter()
+        with counter:
+            fn()
+        return counter.count
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Median time of one fn() call in ms: CUDA events on a GPU, wall clock on a CPU."""
+    times = []
+    with torch.inference_mode():
+        if device.type == "cuda":
+            for _ in range(CUDA_WARMUP):
+                fn()
+            for _ in range(iters):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:  # the check and the launch count have already run each model twice
+            for _ in range(iters):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+def _first_fused_blocks(report: fastres.FusionReport) -> Dict[str, "fastres.convert.FusionEntry"]:
+    """The first fused block of each kind ("BasicBlock", "Bottleneck") in the model."""
+    blocks = {}
+    for entry in report.fused:
+        if entry.kind in ("BasicBlock", "Bottleneck"):
+            blocks.setdefault(entry.kind, entry)
+    return blocks
+
+
+def _capture_inputs(model: nn.Module, paths: List[str]) -> Tuple[Dict[str, Tensor], Callable]:
+    """Record the input each submodule in `paths` gets on the next forward; returns the dict
+    that fills up and a function that removes the hooks."""
+    inputs: Dict[str, Tensor] = {}
+    handles = []
+    for path in paths:
+        def hook(module, args, path=path):
+            inputs.setdefault(path, args[0])
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    return inputs, lambda: [h.remove() for h in handles]
+
+
+def print_launches(original: nn.Module, model: nn.Module, x: Tensor,
+                   blocks: Dict[str, "fastres.convert.FusionEntry"],
+                   block_inputs: Dict[str, Tensor]) -> None:
+    """Launches per forward of both models, and of one block of each fused kind."""
+    device = x.device
+    if device.type == "cuda":
+        print("\nlaunches per forward: CUDA kernels (torch.profiler)")
+    else:
+        print("\nlaunches per forward: CPU stand-in, ops that do work (views excluded);\n"
+              "  a fastres conv_bn_act counts once, as it is one kernel launch on a GPU")
+    rows = [("model", count_launches(lambda: original(x), device),
+             count_launches(lambda: model(x), device), "")]
+    for kind, entry in blocks.items():
+        original_block = original.get_submodule(entry.path)
+        fused_block = model.get_submodule(entry.path)
+        inp = block_inputs[entry.path]
+        rows.append((f"one {kind}", count_launches(lambda: original_block(inp), device),
+                     count_launches(lambda: fused_block(inp), device),
+                     f"({entry.path}, {entry.detail})"))
+    for label, before, after, note in rows:
+        print(f"  {label:<16} original {before:>4} -> fastres {after:>4}   {note}".rstrip())
+
+
+def print_timing(original: nn.Module, model: nn.Module, x: Tensor, iters: int,
+                 backend: str) -> None:
+    device = x.device
+    runs = f"median of {iters} forward{'s' if iters > 1 else ''}"
+    if device.type == "cuda":
+        print(f"\ntiming: {torch.cuda.get_device_name(device)}, {runs} (CUDA events) after "
+              f"{CUDA_WARMUP} warm-up")
+    else:
+        print(f"\ntiming: CPU ({backend}), {runs} (wall clock)")
+    base_ms = median_ms(lambda: original(x), device, iters)
+    fast_ms = median_ms(lambda: model(x), device, iters)
+    batch = x.shape[0]
+    for label, ms in (("original", base_ms), ("fastres", fast_ms)):
+        speedup = f"   speedup {base_ms / fast_ms:.2f}x" if label == "fastres" else ""
+        print(f"  {label:<10} {ms:9.2f} ms/iter {batch * 1e3 / ms:9.1f} img/s{speedup}")
+
+
+def run_interpreter_check(args: argparse.Namespace) -> Tuple[int, float]:
+    """Run `demo-interpret` in a fresh Python with TRITON_INTERPRET=1 (read when fastres's kernels
+    are imported: too late in this process) and relay its output. Returns (exit code, seconds)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.pop("FASTRES_BACKEND", None)  # the point is the Triton kernels, whatever we were told
+    # The child imports the same fastres as this process, whether installed or from a checkout.
+    source_root = str(Path(fastres.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    layout = "--channels-last" if args.channels_last else "--no-channels-last"
+    cmd = [sys.executable, "-m", "fastres", "demo-interpret", "--model", args.model,
+           "--seed", str(args.seed), layout]
+    start = time.perf_counter()
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:
+            print("  " + line.rstrip(), flush=True)
+    return proc.returncode, time.perf_counter() - start
+
+
+def demo(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    batch = args.batch or (8 if on_gpu else 2)
+    size = args.size or (224 if on_gpu else 112)
+    dtype_name = args.dtype or ("float16" if on_gpu else "float32")
+    dtype = DTYPES[dtype_name]
+    iters = args.iters or (50 if on_gpu else 5)
+
+    model = build_model(args.model, args.seed, device, dtype, args.channels_last)
+    original = copy.deepcopy(model)
+    fastres.optimize(model)
+    report = fastres.fusion_report(model)
+    x = make_input(batch, size, args.seed, device, dtype, args.channels_last)
+    backend = describe_backend(x)
+    failures = []
+
+    layout = "channels_last" if args.channels_last else "NCHW"
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"fastres demo: {args.model}, batch {batch}, 3x{size}x{size}, {dtype_name}, "
+          f"{layout}, seed {args.seed}")
+    print(f"  device     {device} ({where})")
+    print(f"  versions   torch {torch.__version__}, triton {triton.__version__}, "
+          f"fastres {fastres.__version__}")
+    print(f"  fused ops  {backend}")
+
+    print("\nfusion report")
+    print("\n".join("  " + line for line in str(report).splitlines()))
+
+    blocks = _first_fused_blocks(report)
+    block_inputs, remove_hooks = _capture_inputs(original, [e.path for e in blocks.values()])
+    with torch.inference_mode():
+        ref = original(x)
+        out = model(x)
+    remove_hooks()
+    abs_err, rel_err = compare(ref, out)
+    tol = tolerance(dtype, device)
+    passed = rel_err <= tol
+    print("\ncheck: fastres vs original on the same input (torch.inference_mode)")
+    print(f"  max abs error  {abs_err:.2e}")
+    print(f"  max rel error  {rel_err:.2e}   (max |diff| / max |original|; threshold {tol:.0e})"
+          f"   {'ok' if passed else 'FAIL'}")
+    if not passed:
+        failures.append(f"max rel error {rel_err:.2e} > {tol:.0e}")
+
+    print_launches(original, model, x, blocks, block_inputs)
+    print_timing(original, model, x, iters, backend)
+
+    if not on_gpu and args.interpreter_check:
+        print("\ninterpreter check: the Triton kernels through TRITON_INTERPRET=1, in a "
+              f"subprocess (batch {INTERPRETER_BATCH}, {INTERPRETER_SIZE}x{INTERPRETER_SIZE}, "
+              "float32)", flush=True)
+        code, seconds = run_interpreter_check(args)
+        print(f"  subprocess     {seconds:.1f} s, exit code {code}")
+        if code != 0:
+            failures.append(f"interpreter check exited with code {code}")
+
+    print("\ndemo: " + (f"FAIL ({'; '.join(failures)})" if failures else "PASS"))
+    return 1 if failures else 0
+
+
+def demo_interpret(args: argparse.Namespace) -> int:
+    """Hidden `demo-interpret`: the demo's check through the Triton kernels under the interpreter.
+    Run by demo in a subprocess whose environment sets TRITON_INTERPRET=1."""
+    if not conv_kernels.INTERPRETED:
+        print("demo-interpret: TRITON_INTERPRET=1 must be set before fastres is imported")
+        return 2
+    device, dtype = torch.device("cpu"), torch.float32
+    model = build_model(args.model, args.seed, device, dtype, args.channels_last)
+    original = copy.deepcopy(model)
+    fastres.optimize(model)
+    x = make_input(INTERPRETER_BATCH, INTERPRETER_SIZE, args.seed, device, dtype,
+                   args.channels_last)
+    with torch.inference_mode():
+        ref = original(x)
+        launches = conv_kernels.launch_count()
+        start = time.perf_counter()
+        out = model(x)
+        seconds = time.perf_counter() - start
+        launches = conv_kernels.launch_count() - launches
+    abs_err, rel_err = compare(ref, out)
+    tol = tolerance(dtype, device)
+    passed = rel_err <= tol and launches > 0  # no launch at all: nothing was checked
+    print(f"max abs error  {abs_err:.2e}")
+    print(f"max rel error  {rel_err:.2e}   (threshold {tol:.0e})   "
+          f"{'ok' if rel_err <= tol else 'FAIL'}")
+    print(f"launches       {launches} fused-kernel launches per forward"
+          + ("" if launches else "   FAIL: no fused kernel ran"))
+    print(f"forward        {seconds:.1f} s (interpreted)")
+    return 0 if passed else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="resnet50", choices=MODELS,
+                        help="torchvision model, built with random weights (default: resnet50)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the models and input in channels_last (default: on)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the weights and the input (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastres",
+                                     description="fastres: fused conv+BN+ReLU kernels for ResNets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo}")
+
+    demo_parser = commands.add_parser(
+        "demo", help="convert a torchvision ResNet, check it, count launches and time it",
+        description="Convert a torchvision ResNet (random weights) with fastres.optimize(), check "
+                    "it against the original, and compare launches per forward and speed. "
+                    "Exit code 1 if a check fails.")
+    _add_model_options(demo_parser)
+    demo_parser.add_argument("--batch", type=_positive_int, help="batch size (default: 8 on a GPU, 2 on CPU)")
+    demo_parser.add_argument("--size", type=_positive_int,
+                             help="image height and width (default: 224 on a GPU, 112 on CPU)")
+    demo_parser.add_argument("--dtype", choices=list(DTYPES),
+                             help="default: float16 on a GPU, float32 on CPU")
+    demo_parser.add_argument("--iters", type=_positive_int,
+                             help="timed forwards per model (default: 50 on a GPU, 5 on CPU)")
+    demo_parser.add_argument("--no-interpreter-check", dest="interpreter_check",
+                             action="store_false",
+                             help="without a GPU, skip checking the Triton kernels through "
+                                  "Triton's interpreter (a subprocess, ~1 minute for resnet50)")
+    demo_parser.set_defaults(run=demo)
+
+    interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess
+    _add_model_options(interpret_parser)
+    interpret_parser.set_defaults(run=demo_interpret)
+    return parser
+
+
+def main(argv: List[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

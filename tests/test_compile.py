@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True) of optimized models: no graph breaks, same results."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres import FusedBasicBlock, FusedBottleneck
+from helpers import assert_close, randomize_bn
+
+
+def _small_resnet():
+    ds = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        FusedBasicBlock(16, 16),
+        FusedBottleneck(16, 8, 2, ds),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+
+def test_compile_fullgraph_optimized_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = randomize_bn(_small_resnet()).eval()
+    reference_model = copy.deepcopy(model).double()
+    fastres.optimize(model)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    x = torch.randn(2, 3, 9, 9)
+    from fastres.kernels import conv as conv_kernels
+    with torch.no_grad():
+        before = conv_kernels.launch_count()
+        out = compiled(x)
+        if conv_kernels.INTERPRETED or torch.cuda.is_available():
+            assert conv_kernels.launch_count() - before == 1 + 2 + 3  # the fused kernels ran
+        eager = model(x)
+        ref = reference_model(x.double())
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    # 3x3 stem, then the deepest path: basic block (2 convs) and bottleneck (3 convs)
+    assert_close(out, ref, torch.float32, [27, 144, 144, 16, 72, 8 + 16, 32])
+
+
+def test_fake_impl_matches_real_output(tmp_path, monkeypatch):
+    """The fake (meta) implementation promises the shape/dtype/strides the real one returns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fastres.ops import _conv_bn_act
+    args = lambda t: (t(2, 8, 7, 7).contiguous(memory_format=torch.channels_last),  # noqa: E731
+                      t(16, 8, 3, 3), torch.zeros(16), None, None, None, [2, 2], [1, 1], [1, 1],
+                      [1, 1], True, "ieee")
+    real = _conv_bn_act(*args(torch.randn))
+    with FakeTensorMode():
+        fake = _conv_bn_act(*args(torch.randn))
+    assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype

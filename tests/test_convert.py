@@ -1,0 +1,211 @@
+"""optimize()/restore() on real torchvision and timm models and on user ResNets."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fastres
+from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
+from fastres.kernels import conv as conv_kernels
+from helpers import UNIT_ROUNDOFF, randomize_bn
+
+USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+
+
+def _pair(model):
+    model = randomize_bn(model).eval()
+    return model, fastres.optimize(copy.deepcopy(model))
+
+
+def _model_errors(original, fused, x, dtype):
+    """Max |error| of the fused model and of the eager model in `dtype`, both against float64."""
+    with torch.no_grad():
+        ref = copy.deepcopy(original).double().cpu()(x.double().cpu())
+        eager = original.to(dtype)(x.to(dtype)).double().cpu()
+        before = conv_kernels.launch_count()
+        out = fused.to(dtype)(x.to(dtype))
+        launches = conv_kernels.launch_count() - before
+    assert torch.isfinite(out).all()
+    return ((out.double().cpu() - ref).abs().max().item(), (eager - ref).abs().max().item(),
+            ref.abs().max().item(), launches)
+
+
+def _assert_model_close(err, eager_err, scale, dtype):
+    """A converted model must be about as accurate as PyTorch's own eager model in that dtype:
+    within 4x its error, or within 2u of the output scale (u: the tolerance table's roundoff)."""
+    assert err <= max(4 * eager_err, 2 * UNIT_ROUNDOFF[dtype] * scale), (err, eager_err, scale)
+
+
+@pytest.mark.parametrize("name, blocks, kind", [("resnet18", 8, "BasicBlock"),
+                                                ("resnet50", 16, "Bottleneck")])
+def test_torchvision_models_match_unconverted(name, blocks, kind, device):
+    original, fused = _pair(getattr(torchvision.models, name)(num_classes=10))
+    report = fastres.fusion_report(fused)
+    assert [e.kind for e in report.fused].count(kind) == blocks
+    assert any(e.path == "conv1" and e.kind == "conv+bn+relu" for e in report.fused)
+    assert not report.left_alone
+    original, fused = original.to(device), fused.to(device)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    err, eager_err, scale, launches = _model_errors(original, fused, x, torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)
+    if USES_KERNELS:  # stem + 2 (BasicBlock) or 3 (Bottleneck) launches per block
+        assert launches == 1 + blocks * (2 if kind == "BasicBlock" else 3)
+
+
+def test_resnet18_half_channels_last(device):
+    original, fused = _pair(torchvision.models.resnet18(num_classes=10))
+    original = original.to(device, memory_format=torch.channels_last)
+    fused = fused.to(device, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    err, eager_err, scale, _ = _model_errors(original, fused, x, torch.float16)
+    _assert_model_close(err, eager_err, scale, torch.float16)
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet18", 8), ("resnet50", 16)])
+def test_timm_models(name, blocks, device):
+    original, fused = _pair(timm.create_model(name, pretrained=False, num_classes=10))
+    report = fastres.fusion_report(fused)
+    assert len([e for e in report.fused if e.kind in ("BasicBlock", "Bottleneck")]) == blocks
+    assert not report.left_alone
+    if name == "resnet50":
+        original, fused = original.to(device), fused.to(device)
+        x = torch.randn(1, 3, 32, 32, device=device)
+        err, eager_err, scale, _ = _model_errors(original, fused, x, torch.float32)
+        _assert_model_close(err, eager_err, scale, torch.float32)
+
+
+def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(device):
+    original, fused = _pair(timm.create_model("resnet50d", pretrained=False, num_classes=10))
+    report = fastres.fusion_report(fused)
+    alone = {e.path: e.detail for e in report.left_alone}
+    assert "AvgPool2d" in alone["layer2.0"]
+    assert len([e for e in report.fused if e.kind == "Bottleneck"]) == 12
+    # The deep stem's three conv+bn+relu chains and the chains inside left-alone blocks fuse.
+    assert {"conv1.0", "conv1.3", "conv1.6"} <= {e.path for e in report.fused}
+    original, fused = original.to(device), fused.to(device)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    err, eager_err, scale, _ = _model_errors(original, fused, x, torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet34", 16), ("resnet101", 33), ("resnet152", 50),
+                                          ("wide_resnet50_2", 16)])
+def test_other_torchvision_resnets_convert_and_match_on_cpu_path(name, blocks, monkeypatch):
+    """Bigger models: conversion and equivalence via the folded torch path (fast on CPU)."""
+    original, fused = _pair(getattr(torchvision.models, name)(num_classes=10))
+    report = fastres.fusion_report(fused)
+    assert len([e for e in report.fused if e.kind in ("BasicBlock", "Bottleneck")]) == blocks
+    assert list(fused.state_dict()) == list(original.state_dict())
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    x = torch.randn(1, 3, 32, 32)
+    err, eager_err, scale, _ = _model_errors(original, fused, x, torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)
+
+
+def test_grouped_resnext_blocks_are_left_alone():
+    fused = fastres.optimize(torchvision.models.resnext50_32x4d(num_classes=10))
+    report = fastres.fusion_report(fused)
+    grouped = [e for e in report.left_alone if e.kind == "Bottleneck"]
+    assert len(grouped) == 16 and all("groups=32" in e.detail for e in grouped)
+
+
+def test_restore_gives_back_a_state_dict_identical_model():
+    original = randomize_bn(torchvision.models.resnet50(num_classes=10))
+    model = copy.deepcopy(original)
+    fastres.optimize(model)
+    assert isinstance(model.layer1[0], FusedBottleneck) and isinstance(model.conv1, FusedConv2d)
+    fastres.restore(model)
+    assert type(model.layer1[0]) is torchvision.models.resnet.Bottleneck
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+    sd, want = model.state_dict(), original.state_dict()
+    assert list(sd) == list(want) and all(torch.equal(sd[k], want[k]) for k in sd)
+    assert fastres.fusion_report(model) is None
+
+
+def test_changes_made_while_optimized_survive_restore():
+    model = fastres.optimize(torchvision.models.resnet18(num_classes=10))
+    other = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=5)
+    model.load_state_dict(other.state_dict(), strict=True)
+    model.half()
+    fastres.restore(model)
+    sd, want = model.state_dict(), other.half().state_dict()
+    assert all(torch.equal(sd[k], want[k]) for k in want)
+    assert model.bn1.running_mean.dtype == torch.float16
+
+
+def test_train_eval_switching_on_an_optimized_model(device):
+    original, fused = _pair(torchvision.models.resnet18(num_classes=10))
+    original, fused = original.to(device).train(), fused.to(device).train()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    for _ in range(2):  # train steps: identical outputs and running statistics
+        assert torch.equal(fused(x), original(x))
+    for (k, a), b in zip(fused.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), k
+    original.eval(), fused.eval()
+    err, eager_err, scale, _ = _model_errors(original, fused, x[:1], torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)
+
+
+# ---- user-defined ResNets: found by structure, not class name ---------------------------------
+
+class MyBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1, final_relu=True, extra=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.final_relu = final_relu
+        self.gate = nn.Linear(cout, cout) if extra else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + (x if self.downsample is None else self.downsample(x))
+        return F.relu(out) if self.final_relu else out
+
+
+class MyNet(nn.Module):
+    def __init__(self, final_relu=True, extra=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(MyBlock(16, 16), MyBlock(16, 24, 2, final_relu, extra))
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_user_resnet_is_found_by_structure(device):
+    original, fused = _pair(MyNet())
+    report = fastres.fusion_report(fused)
+    assert [e.path for e in report.fused if e.kind == "BasicBlock"] == ["body.0", "body.1"]
+    assert any(e.path == "stem.0" and e.kind == "conv+bn+relu" for e in report.fused)
+    assert isinstance(fused.body[1], FusedBasicBlock)
+    original, fused = original.to(device), fused.to(device)
+    x = torch.randn(2, 3, 10, 10, device=device)
+    err, eager_err, scale, launches = _model_errors(original, fused, x, torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)
+    if USES_KERNELS:
+        assert launches == 1 + 2 + 2
+
+
+def test_block_whose_forward_differs_is_left_alone():
+    fused = fastres.optimize(MyNet(final_relu=False))
+    alone = {e.path: e.detail for e in fastres.fusion_report(fused).left_alone}
+    assert "body.1" in alone and "does not compute a torchvision BasicBlock" in alone["body.1"]
+    assert not isinstance(fused.body[1], FusedBasicBlock)
+
+
+def test_block_with_extra_parameters_is_left_alone():
+    fused = fastres.optimize(MyNet(extra=True))
+    alone = {e.path: e.detail for e in fastres.fusion_report(fused).left_alone}
+    assert "extra submodule 'gate'" in alone["body.1"]
