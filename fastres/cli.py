@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fastres
+from fastres.convert import FusionEntry
 from fastres.kernels import conv as conv_kernels
 from fastres.ops import backend_for
 
@@ -40,7 +41,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # The interpreter check's problem: every layer of the model still has a distinct shape (the
 # 7x7 stem, all four stages, the downsample shortcuts), and the interpreter stays affordable
-# (resnet50: ~40 s for one forward on one CPU core).
+# (resnet50: ~12 s for the one interpreted forward on an idle 2-core machine).
 INTERPRETER_BATCH = 1
 INTERPRETER_SIZE = 64
 
@@ -184,7 +185,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, iters: int) -> flo
 # ---------------------------------------------------------------------------------------------
 # demo
 
-def _first_fused_blocks(report: fastres.FusionReport) -> Dict[str, "fastres.convert.FusionEntry"]:
+def _first_fused_blocks(report: fastres.FusionReport) -> Dict[str, FusionEntry]:
     """The first fused block of each kind ("BasicBlock", "Bottleneck") in the model."""
     blocks = {}
     for entry in report.fused:
@@ -193,20 +194,20 @@ def _first_fused_blocks(report: fastres.FusionReport) -> Dict[str, "fastres.conv
     return blocks
 
 
-def _capture_inputs(model: nn.Module, paths: List[str]) -> Tuple[Dict[str, Tensor], Callable]:
-    """Record the input each submodule in `paths` gets on the next forward; returns the dict
-    that fills up and a function that removes the hooks."""
+def _capture_inputs(model: nn.Module, paths: List[str]) -> Tuple[Dict[str, Tensor], list]:
+    """Record the input each submodule in `paths` gets in the next forwards; returns the dict
+    that fills up and the hook handles, to remove."""
     inputs: Dict[str, Tensor] = {}
     handles = []
     for path in paths:
         def hook(module, args, path=path):
             inputs.setdefault(path, args[0])
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    return inputs, lambda: [h.remove() for h in handles]
+    return inputs, handles
 
 
 def print_launches(original: nn.Module, model: nn.Module, x: Tensor,
-                   blocks: Dict[str, "fastres.convert.FusionEntry"],
+                   blocks: Dict[str, FusionEntry],
                    block_inputs: Dict[str, Tensor]) -> None:
     """Launches per forward of both models, and of one block of each fused kind."""
     device = x.device
@@ -294,11 +295,12 @@ def demo(args: argparse.Namespace) -> int:
     print("\n".join("  " + line for line in str(report).splitlines()))
 
     blocks = _first_fused_blocks(report)
-    block_inputs, remove_hooks = _capture_inputs(original, [e.path for e in blocks.values()])
+    block_inputs, hooks = _capture_inputs(original, [e.path for e in blocks.values()])
     with torch.inference_mode():
         ref = original(x)
         out = model(x)
-    remove_hooks()
+    for hook in hooks:
+        hook.remove()
     abs_err, rel_err = compare(ref, out)
     tol = tolerance(dtype, device)
     passed = rel_err <= tol
@@ -386,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "it against the original, and compare launches per forward and speed. "
                     "Exit code 1 if a check fails.")
     _add_model_options(demo_parser)
-    demo_parser.add_argument("--batch", type=_positive_int, help="batch size (default: 8 on a GPU, 2 on CPU)")
+    demo_parser.add_argument("--batch", type=_positive_int,
+                             help="batch size (default: 8 on a GPU, 2 on CPU)")
     demo_parser.add_argument("--size", type=_positive_int,
                              help="image height and width (default: 224 on a GPU, 112 on CPU)")
     demo_parser.add_argument("--dtype", choices=list(DTYPES),
@@ -396,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--no-interpreter-check", dest="interpreter_check",
                              action="store_false",
                              help="without a GPU, skip checking the Triton kernels through "
-                                  "Triton's interpreter (a subprocess, ~1 minute for resnet50)")
+                                  "Triton's interpreter (a subprocess, ~20 s for resnet50)")
     demo_parser.set_defaults(run=demo)
 
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess

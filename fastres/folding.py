@@ -22,12 +22,14 @@ from torch import Tensor, nn
 
 def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
                  bn_bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
-                 dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                 dtype: Optional[torch.dtype] = None,
+                 memory_format: torch.memory_format = torch.channels_last) -> Tuple[Tensor, Tensor]:
     """Return (weight, bias) of the conv with the eval-mode BN folded in.
 
-    The weight is cast to `dtype` (default: the conv weight's dtype) and laid out channels_last,
-    i.e. each output channel's (r, s, c) filter is contiguous, which is the order the kernel
-    reduces in. The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
+    The weight is cast to `dtype` (default: the conv weight's dtype) and laid out in
+    `memory_format`: channels_last (each output channel's (r, s, c) filter contiguous, the order
+    the Triton kernel reduces in) or contiguous_format for the CPU torch path on NCHW inputs
+    (PyTorch runs a conv channels_last whenever its weight is). The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
     kernel's epilogue. affine=False BNs (no weight/bias) are handled.
     """
     dtype = dtype or conv_weight.dtype
@@ -42,20 +44,22 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
         if conv_bias is not None:
             shift = shift + conv_bias.to(math) * scale
         weight = (conv_weight.to(math) * scale.view(-1, 1, 1, 1)).to(dtype)
-        weight = weight.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=memory_format)
     return weight, shift
 
 
-def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                 memory_format: torch.memory_format = torch.channels_last) -> Tuple[Tensor, Tensor]:
     return fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                        bn.running_var, bn.eps)
+                        bn.running_var, bn.eps, memory_format=memory_format)
 
 
 def _signature(t: Optional[Tensor]):
+    # A new dtype, device, shape or storage means a new data pointer (the cache keeps the old
+    # storage alive, so pointers cannot be recycled); anything in place bumps the version.
     if t is None:
         return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride(),
-            t.storage_offset())
+    return (t.data_ptr(), t._version, t.dtype)
 
 
 class FoldCache:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastres import reference
 from fastres.folding import FoldCache, conv_bn_sources, fold_conv_bn, fold_modules
-from fastres.ops import SUPPORTED_DTYPES, conv_bn_act
+from fastres.ops import SUPPORTED_DTYPES, conv_bn_act, weight_memory_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +113,8 @@ def _check_params_match(x: Tensor, conv: nn.Conv2d, name: str) -> None:
         raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
 
 
-def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return cache.get(conv_bn_sources(conv, bn), (bn.eps,), lambda: fold_modules(conv, bn))
+def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format):
+    return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt), lambda: fold_modules(conv, bn, fmt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class FusedConvBNReLU(nn.Sequential):
             return super().forward(x)
         x, unbatched = _as_batched(x)
         _check_params_match(x, conv, "0")
-        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn), relu)
+        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, weight_memory_format(x)), relu)
         return out.squeeze(0) if unbatched else out
 
 
@@ -213,7 +213,8 @@ class FusedConv2d(nn.Conv2d):
             return F.relu(out) if self._fuse_relu else out
         x, unbatched = _as_batched(x)
         _check_params_match(x, self, "conv")
-        out = _fused_conv_bn(x, self, _fold(self._fold_cache, self, bn), self._fuse_relu)
+        folded = _fold(self._fold_cache, self, bn, weight_memory_format(x))
+        out = _fused_conv_bn(x, self, folded, self._fuse_relu)
         return out.squeeze(0) if unbatched else out
 
 
@@ -285,31 +286,31 @@ class _FusedBlock(nn.Module):
             self._original.training = mode
         return self
 
-    def _bns(self) -> List[nn.Module]:
-        bns = [getattr(self, "bn" + name[-1]) for name in self._stages]
-        if self.downsample is not None:
-            bns.append(self.downsample[1])
-        return bns
+    def _pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(conv, bn) of each stage, then of the downsample if any. Reads the child dict
+        directly: nn.Module.__getattr__ is slow enough to matter on small inputs."""
+        mods = self._modules
+        pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._stages]
+        ds = mods.get("downsample")
+        if ds is not None:
+            pairs.append((ds[0], ds[1]))
+        return pairs
 
-    def _convs(self) -> List[nn.Module]:
-        convs = [getattr(self, name) for name in self._stages]
-        if self.downsample is not None:
-            convs.append(self.downsample[0])
-        return convs
+    def _static_reason(self, pairs) -> Optional[str]:
+        for conv, bn in pairs:
+            reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+            if reason:
+                return reason
+        ds = self._modules.get("downsample")
+        if ds is not None and (len(ds) != 2 or ds[0].kernel_size != (1, 1)
+                               or conv_padding(ds[0]) != (0, 0) or ds[0].dilation != (1, 1)):
+            return "the downsample is not a 1x1 conv + BatchNorm2d"
+        return None
 
     @property
     def fallback_reason(self) -> Optional[str]:
         """Why the eval forward runs the reference path whatever the input (None: it fuses)."""
-        for conv, bn in zip(self._convs(), self._bns()):
-            reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
-            if reason:
-                return reason
-        if self.downsample is not None:
-            ds = self.downsample
-            if len(ds) != 2 or ds[0].kernel_size != (1, 1) or conv_padding(ds[0]) != (0, 0) \
-                    or ds[0].dilation != (1, 1):
-                return "the downsample is not a 1x1 conv + BatchNorm2d"
-        return None
+        return self._static_reason(self._pairs())
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         if self._original is not None:
@@ -320,38 +321,39 @@ class _FusedBlock(nn.Module):
         return type(self)._reference(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if any(bn.training for bn in self._bns()) or self.fallback_reason \
-                or _fallback_reason(x, self._convs() + self._bns()):
+        pairs = self._pairs()
+        if any(bn.training for _, bn in pairs) or self._static_reason(pairs) \
+                or _fallback_reason(x, [m for pair in pairs for m in pair]):
             return self._unfused_forward(x)
         x, unbatched = _as_batched(x)
-        convs = [getattr(self, name) for name in self._stages]
-        for i, conv in enumerate(convs):
-            _check_params_match(x, conv, self._stages[i])
+        for name, (conv, _) in zip(self._stages + ("downsample.0",), pairs):
+            _check_params_match(x, conv, name)
+        fmt = weight_memory_format(x)  # every intermediate keeps x's memory format
+        caches = self._fold_caches
+        n = len(self._stages)
         out = x
         # Every stage but the last: conv + folded BN + ReLU.
-        for name, conv in zip(self._stages[:-1], convs[:-1]):
-            bn = getattr(self, "bn" + name[-1])
-            out = _fused_conv_bn(out, conv, _fold(self._fold_caches[name], conv, bn), relu=True)
+        for name, (conv, bn) in zip(self._stages[:-1], pairs[:n - 1]):
+            out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt), relu=True)
         # Last stage: conv + folded BN + shortcut + ReLU in one launch.
-        last, last_bn = convs[-1], getattr(self, "bn" + self._stages[-1][-1])
-        if self.downsample is None:
-            out = _fused_conv_bn(out, last, _fold(self._fold_caches["last"], last, last_bn),
-                                 relu=True, residual=x)
+        last, last_bn = pairs[n - 1]
+        if len(pairs) == n:
+            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt), relu=True,
+                                 residual=x)
         else:
-            ds_conv, ds_bn = self.downsample[0], self.downsample[1]
-            _check_params_match(x, ds_conv, "downsample.0")
-            w, w2, bias = self._fold_caches["last"].get(
+            ds_conv, ds_bn = pairs[n]
+            w, w2, bias = caches["last"].get(
                 conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
-                (last_bn.eps, ds_bn.eps),
-                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn))
+                (last_bn.eps, ds_bn.eps, fmt),
+                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt))
             out = _fused_conv_bn(out, last, (w, None), relu=True,
                                  shortcut=(x, w2, ds_conv.stride), bias=bias)
         return out.squeeze(0) if unbatched else out
 
     @staticmethod
-    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn):
-        w, b = fold_modules(conv, bn)
-        w2, b2 = fold_modules(ds_conv, ds_bn)
+    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn, fmt):
+        w, b = fold_modules(conv, bn, fmt)
+        w2, b2 = fold_modules(ds_conv, ds_bn, fmt)
         return w, w2, b + b2
 
 

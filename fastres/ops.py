@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastres.kernels import conv as conv_kernels
 
@@ -77,6 +78,13 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def weight_memory_format(x: Tensor) -> torch.memory_format:
+    """Layout of the folded weights for input x: the kernel reduces in (r, s, c) order, so it
+    wants channels_last; the torch path wants the input's format (a channels_last weight would
+    make PyTorch compute an NCHW input's conv in channels_last and then copy the output back)."""
+    return torch.channels_last if backend_for(x) == "triton" else output_memory_format(x)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -146,11 +154,10 @@ def _empty_output(x: Tensor, shape) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
-def _conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                 shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
-                 stride: List[int], padding: List[int], dilation: List[int],
-                 shortcut_stride: List[int], relu: bool, fp32_precision: str) -> Tensor:
+def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                      shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
+                      stride: List[int], padding: List[int], dilation: List[int],
+                      shortcut_stride: List[int], relu: bool, fp32_precision: str) -> Tensor:
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                         dilation, shortcut_stride, fp32_precision)
     if backend_for(x) == "triton":
@@ -170,6 +177,11 @@ def _conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
         out.relu_()
     # The fake implementation promises the input's memory format; keep that promise.
     return out.contiguous(memory_format=output_memory_format(x))
+
+
+# The registered op, for torch.compile (one opaque node with a fake implementation) and for
+# autograd (which refuses to backpropagate through it: the fused kernels have no backward yet).
+_conv_bn_act = torch.library.custom_op("fastres::conv_bn_act", _conv_bn_act_impl, mutates_args=())
 
 
 @_conv_bn_act.register_fake
@@ -202,6 +214,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     if shortcut is not None:
         x2, w2, s2 = shortcut
         stride2 = _pair(s2, "shortcut stride")
-    return _conv_bn_act(x, weight, bias, residual, x2, w2, _pair(stride, "stride"),
-                        _pair(padding, "padding"), _pair(dilation, "dilation"), stride2, relu,
-                        fp32_precision or get_fp32_precision())
+    args = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
+            _pair(dilation, "dilation"), stride2, relu, fp32_precision or get_fp32_precision())
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or (
+            torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias, residual, x2, w2))):
+        return _conv_bn_act(*args)
+    # Plain eager calls with nothing to differentiate skip the dispatcher's custom-op machinery,
+    # which costs more than a small convolution; the implementation is the same function.
+    # (Under a dispatch mode - fake tensors, op counters - tools see the one registered op.)
+    return _conv_bn_act_impl(*args)

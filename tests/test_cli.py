@@ -53,8 +53,9 @@ def test_demo_fails_when_the_check_fails(torch_path, capsys, monkeypatch):
     assert "demo: FAIL (max rel error" in out
 
 
-@pytest.mark.slow  # 15-30 s: a fresh Python, and a resnet18 forward at 64x64 interpreted
 def test_demo_interpreter_check(torch_path, capsys):
+    """~10 s alone (a fresh Python, one resnet18 forward at 64x64 interpreted), 30 s on a busy
+    2-core machine."""
     assert cli.main(TINY) == 0
     out = capsys.readouterr().out
     assert "interpreter check: the Triton kernels through TRITON_INTERPRET=1" in out

@@ -78,7 +78,7 @@ def test_timm_models(name, blocks, device):
         _assert_model_close(err, eager_err, scale, torch.float32)
 
 
-def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(device):
+def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(monkeypatch):
     original, fused = _pair(timm.create_model("resnet50d", pretrained=False, num_classes=10))
     report = fastres.fusion_report(fused)
     alone = {e.path: e.detail for e in report.left_alone}
@@ -86,8 +86,10 @@ def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(device):
     assert len([e for e in report.fused if e.kind == "Bottleneck"]) == 12
     # The deep stem's three conv+bn+relu chains and the chains inside left-alone blocks fuse.
     assert {"conv1.0", "conv1.3", "conv1.6"} <= {e.path for e in report.fused}
-    original, fused = original.to(device), fused.to(device)
-    x = torch.randn(1, 3, 32, 32, device=device)
+    # Equivalence through the folded torch path: the kernels themselves are covered above, and
+    # this model's many single-conv launches are slow under the interpreter.
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    x = torch.randn(1, 3, 32, 32)
     err, eager_err, scale, _ = _model_errors(original, fused, x, torch.float32)
     _assert_model_close(err, eager_err, scale, torch.float32)
 
