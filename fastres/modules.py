@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from fastres import reference
 from fastres.folding import FoldCache, conv_bn_sources, fold_conv_bn, fold_modules
-from fastres.ops import SUPPORTED_DTYPES, conv_bn_act, weight_memory_format
+from fastres.ops import (SUPPORTED_DTYPES, conv_bn_act, plain_eager_torch_call, torch_conv_bn_act,
+                         weight_memory_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +101,14 @@ def _as_batched(x: Tensor) -> Tuple[Tensor, bool]:
 def _fused_conv_bn(x: Tensor, conv: nn.Conv2d, folded: Tuple[Tensor, Tensor], relu: bool,
                    residual: Optional[Tensor] = None, shortcut=None, bias: Optional[Tensor] = None):
     weight, shift = folded
-    return conv_bn_act(x, weight, shift if bias is None else bias, stride=conv.stride,
-                       padding=conv_padding(conv), dilation=conv.dilation, residual=residual,
-                       shortcut=shortcut, relu=relu)
+    bias = shift if bias is None else bias
+    if plain_eager_torch_call(x):
+        # The module already checked dtypes and devices and never needs autograd here.
+        x2, w2, s2 = shortcut if shortcut is not None else (None, None, None)
+        return torch_conv_bn_act(x, weight, bias, residual, x2, w2, conv.stride,
+                                 conv_padding(conv), conv.dilation, s2, relu)
+    return conv_bn_act(x, weight, bias, stride=conv.stride, padding=conv_padding(conv),
+                       dilation=conv.dilation, residual=residual, shortcut=shortcut, relu=relu)
 
 
 def _check_params_match(x: Tensor, conv: nn.Conv2d, name: str) -> None:

@@ -6,8 +6,9 @@ with the BatchNorm already folded into `weight`/`bias` (see fastres.folding). Wh
 * CUDA tensors: the Triton kernel in fastres.kernels.conv.
 * CPU tensors with TRITON_INTERPRET=1 set before fastres was imported: the same Triton kernel
   through Triton's interpreter (this is how the test-suite checks the kernels without a GPU).
-* other CPU tensors: plain torch ops on the folded weights (a conv with bias, in-place add/ReLU),
-  which is never slower than the unfused conv + BatchNorm + ReLU it replaces.
+* other CPU tensors: plain torch ops on the folded weights (a conv with bias, in-place add/ReLU):
+  fewer ops than the unfused conv + BatchNorm + ReLU, but Python overhead per call remains (see
+  README, "Where it runs", for the measured CPU ratios).
 
 `FASTRES_BACKEND=torch|triton` (read on every call) overrides the choice, for tests and debugging.
 The op is a `torch.library.custom_op` with a fake implementation, so `torch.compile(fullgraph=True)`
@@ -167,7 +168,16 @@ def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
         return conv_kernels.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
                                          out, stride, padding, dilation, shortcut_stride, relu,
                                          fp32_precision)
-    # Folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops.
+    out = torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride,
+                            padding, dilation, shortcut_stride, relu)
+    # The fake implementation promises the input's memory format; keep that promise.
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
+                      dilation, shortcut_stride, relu: bool) -> Tensor:
+    """The folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops
+    on the fresh output. Shapes are not validated here (F.conv2d checks its own)."""
     out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
     if shortcut_input is not None:
         out.add_(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride))
@@ -175,8 +185,15 @@ def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
         out.add_(residual)
     if relu:
         out.relu_()
-    # The fake implementation promises the input's memory format; keep that promise.
-    return out.contiguous(memory_format=output_memory_format(x))
+    return out
+
+
+def plain_eager_torch_call(x: Tensor) -> bool:
+    """True when a call on x would run the torch path eagerly with no tool watching (no
+    torch.compile, no dispatch mode): the modules then call torch_conv_bn_act directly, because
+    on small CPU inputs the per-call Python of the checked op is a visible share of the time."""
+    return (backend_for(x) == "torch" and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
 
 
 # The registered op, for torch.compile (one opaque node with a fake implementation) and for
