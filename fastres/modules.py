@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastres import reference
-from fastres.folding import FoldCache, conv_bn_sources, fold_conv_bn, fold_modules
+from fastres.folding import FoldCache, conv_bn_sources, fold_modules
 from fastres.ops import (SUPPORTED_DTYPES, conv_bn_act, plain_eager_torch_call, torch_conv_bn_act,
                          weight_memory_format)
 

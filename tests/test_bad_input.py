@@ -1,6 +1,5 @@
 """Bad input: a clear error naming the problem (or a documented fallback); inputs and
 parameters are never modified."""
-import copy
 
 import pytest
 import torch

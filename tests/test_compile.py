@@ -1,7 +1,6 @@
 """torch.compile(fullgraph=True) of optimized models: no graph breaks, same results."""
 import copy
 
-import pytest
 import torch
 from torch import nn
 
