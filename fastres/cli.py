@@ -159,27 +159,33 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
         return counter.count
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median time of one fn() call in ms: CUDA events on a GPU, wall clock on a CPU."""
-    times = []
+def interleaved_medians_ms(fns: List[Callable[[], object]], device: torch.device,
+                           iters: int) -> List[float]:
+    """Median time of one call of each fn in ms: CUDA events on a GPU, wall clock on a CPU.
+    The fns take turns within every iteration, so clock, thermal and background-load drift
+    hits them alike instead of whichever happened to be timed second."""
+    times: List[List[float]] = [[] for _ in fns]
     with torch.inference_mode():
         if device.type == "cuda":
             for _ in range(CUDA_WARMUP):
-                fn()
-            for _ in range(iters):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:  # the check and the launch count have already run each model twice
-            for _ in range(iters):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+                for fn in fns:
+                    fn()
+        # (on a CPU the check and the launch count have already run each model twice)
+        for _ in range(iters):
+            for fn, fn_times in zip(fns, times):
+                if device.type == "cuda":
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    fn_times.append(start.elapsed_time(end))
+                else:
+                    start = time.perf_counter()
+                    fn()
+                    fn_times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,14 +238,13 @@ def print_launches(original: nn.Module, model: nn.Module, x: Tensor,
 def print_timing(original: nn.Module, model: nn.Module, x: Tensor, iters: int,
                  backend: str) -> None:
     device = x.device
-    runs = f"median of {iters} forward{'s' if iters > 1 else ''}"
+    runs = f"median of {iters} interleaved forward{'s' if iters > 1 else ''}"
     if device.type == "cuda":
         print(f"\ntiming: {torch.cuda.get_device_name(device)}, {runs} (CUDA events) after "
               f"{CUDA_WARMUP} warm-up")
     else:
         print(f"\ntiming: CPU ({backend}), {runs} (wall clock)")
-    base_ms = median_ms(lambda: original(x), device, iters)
-    fast_ms = median_ms(lambda: model(x), device, iters)
+    base_ms, fast_ms = interleaved_medians_ms([lambda: original(x), lambda: model(x)], device, iters)
     batch = x.shape[0]
     for label, ms in (("original", base_ms), ("fastres", fast_ms)):
         speedup = f"   speedup {base_ms / fast_ms:.2f}x" if label == "fastres" else ""

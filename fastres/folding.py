@@ -28,8 +28,8 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
 
     The weight is cast to `dtype` (default: the conv weight's dtype) and laid out in
     `memory_format`: channels_last (each output channel's (r, s, c) filter contiguous, the order
-    the Triton kernel reduces in) or contiguous_format for the CPU torch path on NCHW inputs
-    (PyTorch runs a conv channels_last whenever its weight is). The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
+    the Triton kernel reduces in) or preserve_format (the conv weight's own strides, so that the
+    CPU torch path runs exactly the convolution algorithm the original conv would). The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
     kernel's epilogue. affine=False BNs (no weight/bias) are handled.
     """
     dtype = dtype or conv_weight.dtype
@@ -44,7 +44,8 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
         if conv_bias is not None:
             shift = shift + conv_bias.to(math) * scale
         weight = (conv_weight.to(math) * scale.view(-1, 1, 1, 1)).to(dtype)
-        weight = weight.contiguous(memory_format=memory_format)
+        if memory_format != torch.preserve_format:
+            weight = weight.contiguous(memory_format=memory_format)
     return weight, shift
 
 
@@ -52,14 +53,6 @@ def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
                  memory_format: torch.memory_format = torch.channels_last) -> Tuple[Tensor, Tensor]:
     return fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                         bn.running_var, bn.eps, memory_format=memory_format)
-
-
-def _signature(t: Optional[Tensor]):
-    # A new dtype, device, shape or storage means a new data pointer (the cache keeps the old
-    # storage alive, so pointers cannot be recycled); anything in place bumps the version.
-    if t is None:
-        return None
-    return (t.data_ptr(), t._version, t.dtype)
 
 
 class FoldCache:
@@ -74,11 +67,16 @@ class FoldCache:
         self._key, self._value, self._keep_alive = None, None, []
 
     def get(self, sources: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], object]):
+        """The cached value, recomputed if any source tensor changed. A source's signature is
+        (data pointer, version counter, dtype): a new dtype, device, shape or storage means a
+        new data pointer (the cache keeps the old storages alive, so pointers cannot be
+        recycled), and every in-place write bumps the version."""
         if torch.compiler.is_compiling():
             # Under torch.compile the folding is traced into the graph (inductor fuses it);
             # version counters are not visible to the tracer.
             return compute()
-        key = tuple(_signature(t) for t in sources) + tuple(extra)
+        key = [None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources]
+        key.append(extra)
         if key != self._key:
             with torch.no_grad():
                 value = compute()
@@ -87,5 +85,17 @@ class FoldCache:
         return self._value
 
 
+_MISSING = object()
+
+
+def _member(module: nn.Module, store: str, name: str):
+    # The module's own dicts first: nn.Module.__getattr__ is slow enough to show on small
+    # inputs. Anything else (e.g. a parametrized weight, a property) through getattr.
+    t = module.__dict__[store].get(name, _MISSING)
+    return getattr(module, name) if t is _MISSING else t
+
+
 def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
-    return [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return [_member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias"),
+            _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"),
+            _member(bn, "_buffers", "running_mean"), _member(bn, "_buffers", "running_var")]

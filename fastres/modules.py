@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from fastres import reference
 from fastres.folding import FoldCache, conv_bn_sources, fold_modules
-from fastres.ops import (SUPPORTED_DTYPES, conv_bn_act, plain_eager_torch_call, torch_conv_bn_act,
-                         weight_memory_format)
+from fastres.ops import SUPPORTED_DTYPES, conv_bn_act, execution_plan, torch_conv_bn_act
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +98,11 @@ def _as_batched(x: Tensor) -> Tuple[Tensor, bool]:
 
 
 def _fused_conv_bn(x: Tensor, conv: nn.Conv2d, folded: Tuple[Tensor, Tensor], relu: bool,
-                   residual: Optional[Tensor] = None, shortcut=None, bias: Optional[Tensor] = None):
+                   eager_torch: bool, residual: Optional[Tensor] = None, shortcut=None,
+                   bias: Optional[Tensor] = None):
     weight, shift = folded
     bias = shift if bias is None else bias
-    if plain_eager_torch_call(x):
+    if eager_torch:
         # The module already checked dtypes and devices and never needs autograd here.
         x2, w2, s2 = shortcut if shortcut is not None else (None, None, None)
         return torch_conv_bn_act(x, weight, bias, residual, x2, w2, conv.stride,
@@ -180,7 +180,8 @@ class FusedConvBNReLU(nn.Sequential):
             return super().forward(x)
         x, unbatched = _as_batched(x)
         _check_params_match(x, conv, "0")
-        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, weight_memory_format(x)), relu)
+        eager_torch, fmt = execution_plan(x)
+        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, fmt), relu, eager_torch)
         return out.squeeze(0) if unbatched else out
 
 
@@ -219,8 +220,9 @@ class FusedConv2d(nn.Conv2d):
             return F.relu(out) if self._fuse_relu else out
         x, unbatched = _as_batched(x)
         _check_params_match(x, self, "conv")
-        folded = _fold(self._fold_cache, self, bn, weight_memory_format(x))
-        out = _fused_conv_bn(x, self, folded, self._fuse_relu)
+        eager_torch, fmt = execution_plan(x)
+        folded = _fold(self._fold_cache, self, bn, fmt)
+        out = _fused_conv_bn(x, self, folded, self._fuse_relu, eager_torch)
         return out.squeeze(0) if unbatched else out
 
 
@@ -334,25 +336,25 @@ class _FusedBlock(nn.Module):
         x, unbatched = _as_batched(x)
         for name, (conv, _) in zip(self._stages + ("downsample.0",), pairs):
             _check_params_match(x, conv, name)
-        fmt = weight_memory_format(x)  # every intermediate keeps x's memory format
+        eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
         caches = self._fold_caches
         n = len(self._stages)
         out = x
         # Every stage but the last: conv + folded BN + ReLU.
         for name, (conv, bn) in zip(self._stages[:-1], pairs[:n - 1]):
-            out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt), relu=True)
+            out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt), True, eager_torch)
         # Last stage: conv + folded BN + shortcut + ReLU in one launch.
         last, last_bn = pairs[n - 1]
         if len(pairs) == n:
-            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt), relu=True,
-                                 residual=x)
+            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt), True,
+                                 eager_torch, residual=x)
         else:
             ds_conv, ds_bn = pairs[n]
             w, w2, bias = caches["last"].get(
                 conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
                 (last_bn.eps, ds_bn.eps, fmt),
                 lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt))
-            out = _fused_conv_bn(out, last, (w, None), relu=True,
+            out = _fused_conv_bn(out, last, (w, None), True, eager_torch,
                                  shortcut=(x, w2, ds_conv.stride), bias=bias)
         return out.squeeze(0) if unbatched else out
 

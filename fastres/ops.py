@@ -7,8 +7,8 @@ with the BatchNorm already folded into `weight`/`bias` (see fastres.folding). Wh
 * CPU tensors with TRITON_INTERPRET=1 set before fastres was imported: the same Triton kernel
   through Triton's interpreter (this is how the test-suite checks the kernels without a GPU).
 * other CPU tensors: plain torch ops on the folded weights (a conv with bias, in-place add/ReLU):
-  fewer ops than the unfused conv + BatchNorm + ReLU, but Python overhead per call remains (see
-  README, "Where it runs", for the measured CPU ratios).
+  fewer ops than the unfused conv + BatchNorm + ReLU and, as measured (README, "Where it runs"),
+  at parity with or slightly faster than the original model.
 
 `FASTRES_BACKEND=torch|triton` (read on every call) overrides the choice, for tests and debugging.
 The op is a `torch.library.custom_op` with a fake implementation, so `torch.compile(fullgraph=True)`
@@ -79,13 +79,6 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-def weight_memory_format(x: Tensor) -> torch.memory_format:
-    """Layout of the folded weights for input x: the kernel reduces in (r, s, c) order, so it
-    wants channels_last; the torch path wants the input's format (a channels_last weight would
-    make PyTorch compute an NCHW input's conv in channels_last and then copy the output back)."""
-    return torch.channels_last if backend_for(x) == "triton" else output_memory_format(x)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -188,12 +181,20 @@ def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight
     return out
 
 
-def plain_eager_torch_call(x: Tensor) -> bool:
-    """True when a call on x would run the torch path eagerly with no tool watching (no
-    torch.compile, no dispatch mode): the modules then call torch_conv_bn_act directly, because
-    on small CPU inputs the per-call Python of the checked op is a visible share of the time."""
-    return (backend_for(x) == "torch" and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
+def execution_plan(x: Tensor) -> Tuple[bool, torch.memory_format]:
+    """Decided once per module call for input x: (eager_torch, weight_memory_format).
+
+    eager_torch: the call runs the torch path eagerly with no tool watching (no torch.compile,
+    no dispatch mode), so the modules call torch_conv_bn_act directly: on small CPU inputs the
+    per-call Python of the checked op is a visible share of the time.
+    weight_memory_format: layout of the folded weights. The kernel reduces in (r, s, c) order, so
+    it wants channels_last; the torch path keeps the original weight's strides, because PyTorch
+    picks a conv's algorithm and output layout from the input's and the weight's layouts (a
+    channels_last weight makes it run an NCHW input's conv in channels_last, for one)."""
+    backend = backend_for(x)
+    eager_torch = (backend == "torch" and not torch.compiler.is_compiling()
+                   and _get_current_dispatch_mode() is None)
+    return eager_torch, torch.channels_last if backend == "triton" else torch.preserve_format
 
 
 # The registered op, for torch.compile (one opaque node with a fake implementation) and for
