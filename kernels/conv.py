@@ -217,38 +217,50 @@ def _config_id(cfg: dict) -> tuple:
 
 
 _tuned_kernel = None
-_configs_by_class: dict = {}
+
+
+def prune_to_shape_class(configs, named_args, **kwargs):
+    """Triton autotuner's early_config_prune: keep the configs curated for this problem's class
+    (conv_configs.json). named_args holds the launch's positional arguments, kwargs its
+    constexprs."""
+    table = _config_table()
+    args = {**named_args, **kwargs}
+    name = shape_class(table, M=args["N"] * args["P"] * args["Q"], C=args["C"], K=args["K"],
+                       R=args["R"], S=args["S"], flat=bool(args["FLAT_REDUCTION"]))
+    wanted = {_config_id(cfg) for entry in table["classes"] if entry["name"] == name
+              for cfg in entry["configs"]}
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
+                c.num_warps, c.num_stages) in wanted]
+    return kept or list(configs)[:1]
+
+
+_table_cache: dict = {}
+
+
+def _config_table() -> dict:
+    if "table" not in _table_cache:
+        _table_cache["table"] = load_config_table()
+    return _table_cache["table"]
+
+
+def all_tuning_configs() -> list:
+    """Every curated config once, as triton.Config objects (the autotuner's full list)."""
+    seen, configs = set(), []
+    for entry in _config_table()["classes"]:
+        for cfg in entry["configs"]:
+            if _config_id(cfg) not in seen:
+                seen.add(_config_id(cfg))
+                configs.append(_to_triton_config(cfg))
+    return configs
 
 
 def _build_tuned_kernel():
     """The autotuned kernel for real GPUs: every curated config, pruned to the shape's class."""
-    table = load_config_table()
-    all_cfgs, seen = [], {}
-    for entry in table["classes"]:
-        ids = []
-        for cfg in entry["configs"]:
-            cid = _config_id(cfg)
-            if cid not in seen:
-                seen[cid] = len(all_cfgs)
-                all_cfgs.append(_to_triton_config(cfg))
-            ids.append(cid)
-        _configs_by_class[entry["name"]] = set(ids)
-
-    def prune(configs, named_args, **kwargs):
-        N, P, Q = named_args["N"], named_args["P"], named_args["Q"]
-        name = shape_class(table, M=N * P * Q, C=named_args["C"], K=named_args["K"],
-                           R=kwargs.get("R", named_args.get("R")), S=kwargs.get("S", named_args.get("S")),
-                           flat=bool(kwargs.get("FLAT_REDUCTION", named_args.get("FLAT_REDUCTION"))))
-        wanted = _configs_by_class[name]
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
-                    c.num_warps, c.num_stages) in wanted]
-        return kept or configs[:1]
-
     return triton.autotune(
-        configs=all_cfgs,
+        configs=all_tuning_configs(),
         key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL"],
-        prune_configs_by={"early_config_prune": prune},
+        prune_configs_by={"early_config_prune": prune_to_shape_class},
     )(fused_conv2d_kernel)
 
 
@@ -270,8 +282,11 @@ def use_flat_reduction(C: int, R: int, S: int) -> bool:
 
 
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
-                 stride2, relu: bool, fp32_precision: str = "ieee", flat_reduction=None):
+                 stride2, relu: bool, fp32_precision: str = "ieee", flat_reduction=None,
+                 index_64=None):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
+
+    flat_reduction / index_64: None chooses by the problem; tests force each variant.
 
     x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
     residual: (N, K, P, Q) or None; x2/weight2: shortcut input (N, C2, H2, W2) and its 1x1 weight
@@ -292,7 +307,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     if flat_reduction is None:
         flat_reduction = use_flat_reduction(C, R, S)
     # Row offsets are always 64-bit; channel offsets c * stride_c only need it for huge images.
-    index_64 = max(C * x.stride(1), C2 * s2[1]) >= 2 ** 31
+    if index_64 is None:
+        index_64 = max(C * x.stride(1), C2 * s2[1]) >= 2 ** 31
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     if x.dtype != torch.float32:
         fp32_precision = "tf32"  # the compiler's default; only fp32 operands look at it

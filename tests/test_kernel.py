@@ -92,6 +92,17 @@ def test_both_reduction_orders(name, flat, device):
     assert_close(out, reference(c), torch.float32, c["L"])
 
 
+@pytest.mark.parametrize("name", ["3x3_p1_odd", "7x7_s2_p3_stem", "1x1_dual_gemm_s2"])
+def test_64bit_channel_offsets(name, device):
+    """INDEX_64 (chosen for images of more than 2^31 elements, too big to test here) forced on."""
+    c = make_case(CASES[name], torch.float16, torch.contiguous_format, device)
+    out = torch.full(c["shape"], float("nan"), dtype=torch.float16, device=device)
+    x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
+    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+                              c["padding"], c["dilation"], s2, c["relu"], "ieee", index_64=True)
+    assert_close(out, reference(c), torch.float16, c["L"])
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_functional_op_keeps_memory_format(dtype, fmt, device):
@@ -143,3 +154,21 @@ def test_gpu_config_table_is_valid_data():
     assert conv_kernels.shape_class(table, M=256 * 14 * 14, C=256, K=256, R=3, S=3, flat=False) == "spatial"
     assert conv_kernels.shape_class(table, M=49, C=512, K=512, R=3, S=3, flat=False) == "small_m"
     assert {"stem", "pointwise", "spatial", "small_m"} <= names
+
+
+def test_autotuner_prunes_to_the_shape_class():
+    """The GPU path: the full curated list goes to triton.autotune, and each launch keeps only
+    its class's configs (run here without a GPU: no benchmarking, just the selection)."""
+    table = conv_kernels.load_config_table()
+    configs = conv_kernels.all_tuning_configs()
+    by_class = {e["name"]: {conv_kernels._config_id(c) for c in e["configs"]} for e in table["classes"]}
+    assert len(configs) == len(set().union(*by_class.values()))
+    launch = dict(N=256, C=64, K=256, P=56, Q=56)
+    kept = conv_kernels.prune_to_shape_class(configs, launch, R=1, S=1, FLAT_REDUCTION=False)
+    ids = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
+            c.num_warps, c.num_stages) for c in kept}
+    assert ids == by_class["pointwise"]
+    kept = conv_kernels.prune_to_shape_class(configs, dict(N=256, C=3, K=64, P=112, Q=112),
+                                             R=7, S=7, FLAT_REDUCTION=True)
+    assert len(kept) == len(by_class["stem"])
+    assert conv_kernels._build_tuned_kernel() is not None  # the autotuner accepts the configs
