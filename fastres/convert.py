@@ -29,7 +29,7 @@ from torch import nn
 from fastres import reference
 from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedBasicBlock, FusedBottleneck,
                              FusedConv2d, FusedConvBNReLU, _FusedBlock, bn_unfusable_reason,
-                             conv_padding, conv_unfusable_reason)
+                             conv_unfusable_reason, shortcut_unfusable_reason)
 
 _FASTRES_MODULES = (_FusedBlock, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
 
@@ -105,12 +105,6 @@ def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def _describe(module: nn.Module) -> str:
-    if isinstance(module, nn.Sequential):
-        return " + ".join(type(m).__name__ for m in module)
-    return type(module).__name__
-
-
 def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
     names = _BLOCK_STAGES[kind]
     for conv_name, bn_name in zip(names[::2], names[1::2]):
@@ -122,14 +116,9 @@ def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
             return f"{conv_name}/{bn_name}: {reason}"
     ds = getattr(block, "downsample", None)
     if ds is not None:
-        ok = (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-              and ds[0].kernel_size == (1, 1) and conv_padding(ds[0]) == (0, 0)
-              and ds[0].dilation == (1, 1))
-        if not ok:
-            return f"shortcut is {_describe(ds)}, not a 1x1 conv + BatchNorm2d"
-        reason = conv_unfusable_reason(ds[0]) or bn_unfusable_reason(ds[1], ds[0].out_channels)
+        reason = shortcut_unfusable_reason(ds)
         if reason:
-            return f"downsample: {reason}"
+            return reason if reason.startswith("shortcut") else f"downsample: {reason}"
     if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
         return "the block has parameters of its own"
     known = set(names) | {"downsample"}

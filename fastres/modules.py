@@ -77,6 +77,19 @@ def bn_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
     return None
 
 
+def shortcut_unfusable_reason(ds: nn.Module) -> Optional[str]:
+    """None when a block's downsample is nn.Sequential([nn.Identity, ...,] 1x1 conv, BN) - the
+    leading identities are timm's stride-1 "avg-pool" shortcut - so that its last two modules
+    are the conv and BN the kernel reduces as its second GEMM."""
+    mods = list(ds) if isinstance(ds, nn.Sequential) else []
+    if (len(mods) < 2 or any(type(m) is not nn.Identity for m in mods[:-2])
+            or not isinstance(mods[-2], nn.Conv2d) or mods[-2].kernel_size != (1, 1)
+            or conv_padding(mods[-2]) != (0, 0) or mods[-2].dilation != (1, 1)):
+        names = " + ".join(type(m).__name__ for m in mods) if mods else type(ds).__name__
+        return f"shortcut is {names}, not a 1x1 conv + BatchNorm2d"
+    return conv_unfusable_reason(mods[-2]) or bn_unfusable_reason(mods[-1], mods[-2].out_channels)
+
+
 def _fallback_reason(x: Tensor, modules: List[nn.Module]) -> Optional[str]:
     """Why this call cannot take the fused path (None: it can)."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -301,18 +314,19 @@ class _FusedBlock(nn.Module):
         pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._stages]
         ds = mods.get("downsample")
         if ds is not None:
-            pairs.append((ds[0], ds[1]))
+            pairs.append((ds[-2], ds[-1]))  # after any leading nn.Identity
         return pairs
 
     def _static_reason(self, pairs) -> Optional[str]:
+        ds = self._modules.get("downsample")
+        if ds is not None:
+            reason = shortcut_unfusable_reason(ds)
+            if reason:
+                return reason
         for conv, bn in pairs:
             reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
             if reason:
                 return reason
-        ds = self._modules.get("downsample")
-        if ds is not None and (len(ds) != 2 or ds[0].kernel_size != (1, 1)
-                               or conv_padding(ds[0]) != (0, 0) or ds[0].dilation != (1, 1)):
-            return "the downsample is not a 1x1 conv + BatchNorm2d"
         return None
 
     @property
@@ -334,7 +348,7 @@ class _FusedBlock(nn.Module):
                 or _fallback_reason(x, [m for pair in pairs for m in pair]):
             return self._unfused_forward(x)
         x, unbatched = _as_batched(x)
-        for name, (conv, _) in zip(self._stages + ("downsample.0",), pairs):
+        for name, (conv, _) in zip(self._stages + ("downsample",), pairs):
             _check_params_match(x, conv, name)
         eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
         caches = self._fold_caches

@@ -82,8 +82,11 @@ def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(monkeypatch):
     original, fused = _pair(timm.create_model("resnet50d", pretrained=False, num_classes=10))
     report = fastres.fusion_report(fused)
     alone = {e.path: e.detail for e in report.left_alone}
-    assert "AvgPool2d" in alone["layer2.0"]
-    assert len([e for e in report.fused if e.kind == "Bottleneck"]) == 12
+    assert set(alone) == {"layer2.0", "layer3.0", "layer4.0"}
+    assert all("AvgPool2d + Conv2d + BatchNorm2d" in detail for detail in alone.values())
+    # layer1.0's shortcut is Identity + conv1x1 + BN (the stride-1 "avg-pool"): fused.
+    fused_blocks = [e.path for e in report.fused if e.kind == "Bottleneck"]
+    assert len(fused_blocks) == 13 and "layer1.0" in fused_blocks
     # The deep stem's three conv+bn+relu chains and the chains inside left-alone blocks fuse.
     assert {"conv1.0", "conv1.3", "conv1.6"} <= {e.path for e in report.fused}
     # Equivalence through the folded torch path: the kernels themselves are covered above, and

@@ -62,6 +62,23 @@ def test_block_eval_matches_float64_reference(kind, with_downsample, dtype, fmt,
         assert launches == (2 if kind == "basic" else 3)
 
 
+def test_identity_led_shortcut_is_fused(device):
+    """timm's stride-1 avg-pool shortcut: Sequential(Identity, conv1x1, BN)."""
+    ds = nn.Sequential(nn.Identity(), nn.Conv2d(24, 48, 1, bias=False), nn.BatchNorm2d(48))
+    block = randomize_bn(FusedBottleneck(24, 12, downsample=ds)).eval()
+    assert block.fallback_reason is None
+    ref_block = copy.deepcopy(block).double()
+    block = block.to(device)
+    x = torch.randn(2, 24, 7, 7, device=device)
+    before = conv_kernels.launch_count()
+    with torch.no_grad():
+        out = block(x)
+        ref = reference.bottleneck_reference(ref_block, x.double().cpu())
+    assert_close(out, ref, torch.float32, [24, 108, 12 + 24])
+    if USES_KERNELS:
+        assert conv_kernels.launch_count() - before == 3
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
