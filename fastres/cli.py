@@ -27,13 +27,13 @@ import triton
 from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastres
+from fastres import gate
 from fastres.convert import FusionEntry
 from fastres.kernels import conv as conv_kernels
 from fastres.ops import backend_for
+from fastres.perf import trace_ops
 
 MODELS = sorted(name for name in torchvision.models.list_models(torchvision.models)
                 if name.startswith(("resnet", "wide_resnet", "resnext")))
@@ -119,32 +119,9 @@ def describe_backend(x: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launch counts and timing
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the ops that do work on their way through the dispatcher: the CPU's stand-in for
-    kernel launches. An op whose outputs all alias its inputs (a view, or a reshape/.to() that
-    did not copy) moved no data and is not counted; in-place ops are. The mode is switched off
-    while an op runs, so fastres::conv_bn_act counts once, like the one kernel it launches on a
-    GPU, whatever it runs inside."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func._schema.is_mutable or not _storages(out) <= _storages((args, kwargs)):
-            self.count += 1
-        return out
-
-
-def _storages(tree) -> set:
-    return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, Tensor)}
-
-
 def count_launches(fn: Callable[[], object], device: torch.device) -> int:
     """Kernel launches of one fn() call: the CUDA kernels torch.profiler sees on a GPU, the ops
-    that do work (_OpCounter) on a CPU."""
+    that do work (fastres.perf.trace_ops) on a CPU."""
     with torch.inference_mode():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -153,10 +130,7 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
                 torch.cuda.synchronize()
             return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
                        and not e.name.startswith(("Memcpy", "Memset")))
-        counter = _OpCounter()
-        with counter:
-            fn()
-        return counter.count
+    return trace_ops(fn).launches
 
 
 def interleaved_medians_ms(fns: List[Callable[[], object]], device: torch.device,
@@ -385,7 +359,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastres",
                                      description="fastres: fused conv+BN+ReLU kernels for ResNets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,gate}")
 
     demo_parser = commands.add_parser(
         "demo", help="convert a torchvision ResNet, check it, count launches and time it",
@@ -406,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
                              help="without a GPU, skip checking the Triton kernels through "
                                   "Triton's interpreter (a subprocess, ~20 s for resnet50)")
     demo_parser.set_defaults(run=demo)
+
+    gate_parser = commands.add_parser(
+        "gate", help="check launches and bytes per forward against committed expectations",
+        description="The timing-free perf-regression gate: kernel launches and bytes moved per "
+                    "forward of resnet18/50 and their blocks, compared with "
+                    "benchmarks/baselines/cpu_gate.json. Exit code 1 on any difference.")
+    gate_parser.add_argument("--expected", type=Path, default=None,
+                             help="expectations file (default: the checkout's "
+                                  "benchmarks/baselines/cpu_gate.json)")
+    gate_parser.add_argument("--bless", action="store_true",
+                             help="write the measured numbers as the new expectations")
+    gate_parser.set_defaults(run=lambda args: gate.run(args.expected, args.bless))
 
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess
     _add_model_options(interpret_parser)

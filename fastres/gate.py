@@ -1,0 +1,153 @@
+"""The timing-free half of the perf-regression gate: launches and bytes, checked on any machine.
+
+For torchvision resnet18 and resnet50 (batch 1, 3x224x224, float32, channels_last), and for each
+distinct block configuration in them, it traces one forward of the original and of the
+fastres-optimized module (fastres.perf.trace_ops: ops that do work and the bytes each reads and
+writes) and compares the numbers with the committed expectations in
+benchmarks/baselines/cpu_gate.json. A change that unfuses something (more launches) or adds
+traffic (more bytes) fails; so does one that improves them, until the new numbers are blessed
+(`python -m fastres gate --bless`), which records the change in git.
+
+Totals depend on how the installed torch decomposes its own ops (batch_norm, max_pool, ...), so
+they are compared only under the torch version that blessed the file; fastres's own ops
+(fastres_launches, fastres_bytes) are compared under any version.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import fastres
+from fastres.convert import block_kind
+from fastres.perf import OpTrace, trace_ops
+
+DEFAULT_EXPECTED = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "cpu_gate.json"
+MODELS = ("resnet18", "resnet50")
+CONFIG = dict(batch=1, size=224, dtype="float32", memory_format="channels_last")
+FUSED_OP = "fastres.conv_bn_act"
+
+
+def _summary(trace: OpTrace) -> dict:
+    fused = [op for op in trace.ops if op.name == FUSED_OP]
+    return {"launches": trace.launches, "bytes": trace.bytes_moved,
+            "fastres_launches": len(fused),
+            "fastres_bytes": sum(op.bytes_read + op.bytes_written for op in fused)}
+
+
+def _block_label(model_name: str, path: str, block: nn.Module, x: torch.Tensor) -> str:
+    kind = block_kind(block) or type(block).__name__
+    last = block.conv3 if kind == "Bottleneck" else block.conv2
+    stride = max(block.conv1.stride + block.conv2.stride)
+    ds = " +downsample" if getattr(block, "downsample", None) is not None else ""
+    return (f"{model_name} {kind} {block.conv1.in_channels}->{last.out_channels} stride {stride}"
+            f"{ds} @{x.shape[2]}x{x.shape[3]}")
+
+
+def measure() -> dict:
+    """Launch and byte counts for the gate's models and their distinct blocks.
+
+    Runs on the CPU's folded torch path whatever the environment (the counts are the same as
+    the kernels', which take the same arguments; Triton's interpreter would take minutes)."""
+    previous = os.environ.get("FASTRES_BACKEND")
+    os.environ["FASTRES_BACKEND"] = "torch"
+    try:
+        return _measure()
+    finally:
+        if previous is None:
+            del os.environ["FASTRES_BACKEND"]
+        else:
+            os.environ["FASTRES_BACKEND"] = previous
+
+
+def _measure() -> dict:
+    import torchvision  # only the gate and the demo need it
+
+    result = {"config": dict(CONFIG, torch=torch.__version__.split("+")[0]), "models": {},
+              "blocks": {}}
+    for name in MODELS:
+        torch.manual_seed(0)
+        original = torchvision.models.get_model(name, weights=None).eval()
+        original = original.to(memory_format=torch.channels_last)
+        optimized = fastres.optimize(copy.deepcopy(original))
+        x = torch.randn(CONFIG["batch"], 3, CONFIG["size"], CONFIG["size"])
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        with torch.inference_mode():
+            optimized(x)  # fold the BatchNorms now: the one-time folding is not per-forward work
+        inputs: Dict[str, torch.Tensor] = {}
+        hooks = []
+        for path, module in original.named_modules():
+            if block_kind(module):
+                hooks.append(module.register_forward_pre_hook(
+                    lambda m, args, path=path: inputs.setdefault(path, args[0])))
+        result["models"][name] = {"original": _summary(trace_ops(lambda: original(x))),
+                                  "fastres": _summary(trace_ops(lambda: optimized(x)))}
+        for h in hooks:
+            h.remove()
+        for path, inp in inputs.items():
+            block = original.get_submodule(path)
+            label = _block_label(name, path, block, inp)
+            if label not in result["blocks"]:
+                fused = optimized.get_submodule(path)
+                result["blocks"][label] = {
+                    "original": _summary(trace_ops(lambda: block(inp))),
+                    "fastres": _summary(trace_ops(lambda: fused(inp)))}
+    return result
+
+
+def compare(expected: dict, measured: dict) -> Tuple[bool, List[str]]:
+    """(ok, table lines): every case, with the differences marked."""
+    same_torch = expected["config"].get("torch") == measured["config"]["torch"]
+    lines, ok = [], True
+    header = f"{'case':<62} {'':<9} {'launches':>9} {'bytes':>13}   status"
+    lines.append(header)
+    for section in ("models", "blocks"):
+        names = sorted(set(expected[section]) | set(measured[section]))
+        for name in names:
+            exp, got = expected[section].get(name), measured[section].get(name)
+            if exp is None or got is None:
+                ok = False
+                lines.append(f"{name:<62} {'missing in ' + ('expected' if exp is None else 'measured')}")
+                continue
+            for side in ("original", "fastres"):
+                keys = ("fastres_launches", "fastres_bytes")
+                if same_torch:
+                    keys = ("launches", "bytes") + keys
+                diffs = [k for k in keys if exp[side][k] != got[side][k]]
+                status = "ok"
+                if diffs:
+                    ok = False
+                    status = "CHANGED " + ", ".join(f"{k} {exp[side][k]} -> {got[side][k]}" for k in diffs)
+                lines.append(f"{name if side == 'original' else '':<62} {side:<9} "
+                             f"{got[side]['launches']:>9} {got[side]['bytes']:>13}   {status}")
+    if not same_torch:
+        lines.append(f"note: expectations were blessed under torch {expected['config'].get('torch')}, "
+                     f"this is torch {measured['config']['torch']}: only fastres's own ops "
+                     "(fastres_launches, fastres_bytes) are compared; totals are shown")
+    return ok, lines
+
+
+def run(expected_path: Optional[Path] = None, bless: bool = False) -> int:
+    """Check (exit code 0/1) or bless the expectations; prints the table."""
+    path = Path(expected_path or DEFAULT_EXPECTED)
+    measured = measure()
+    if bless:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
+        print(f"gate: blessed {len(measured['models'])} models and {len(measured['blocks'])} "
+              f"blocks into {path}")
+        return 0
+    if not path.is_file():
+        print(f"gate: no expectations at {path}; create them with --bless")
+        return 1
+    ok, lines = compare(json.loads(path.read_text()), measured)
+    print("\n".join(lines))
+    print("gate: PASS" if ok else f"gate: FAIL (launches or bytes differ from {path}; if the "
+          "change is intended, bless it with `python -m fastres gate --bless` and commit)")
+    return 0 if ok else 1

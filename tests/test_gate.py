@@ -1,0 +1,53 @@
+"""The timing-free perf-regression gate: launches and bytes per forward vs committed values."""
+import json
+
+import pytest
+
+import fastres.modules
+from fastres import gate
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return gate.measure()
+
+
+def test_measurements_match_committed_expectations(measured):
+    ok, lines = gate.compare(json.loads(gate.DEFAULT_EXPECTED.read_text()), measured)
+    assert ok, "\n".join(lines)
+
+
+def test_fusion_is_what_the_expectations_record(measured):
+    """The committed numbers themselves: 2 launches per BasicBlock, 3 per Bottleneck, one per
+    stem, with or without downsample, and less traffic than eager in every case."""
+    for label, case in measured["blocks"].items():
+        want = 2 if "BasicBlock" in label else 3
+        assert case["fastres"]["launches"] == case["fastres"]["fastres_launches"] == want, label
+        assert case["fastres"]["bytes"] < case["original"]["bytes"], label
+    for name, blocks in (("resnet18", 8), ("resnet50", 16)):
+        model = measured["models"][name]
+        per_block = 2 if name == "resnet18" else 3
+        assert model["fastres"]["fastres_launches"] == 1 + blocks * per_block
+        assert model["fastres"]["bytes"] < model["original"]["bytes"]
+
+
+def test_gate_fails_when_a_block_is_unfused(measured, monkeypatch):
+    """A change that stops fusing (here: blocks run their unfused forward) fails the gate."""
+    monkeypatch.setattr(fastres.modules._FusedBlock, "forward",
+                        lambda self, x: self._unfused_forward(x))
+    ok, lines = gate.compare(measured, gate.measure())
+    assert not ok
+    changed = [line for line in lines if "CHANGED" in line]
+    assert changed and all("fastres" in line for line in changed)
+
+
+def test_bless_writes_what_check_reads(tmp_path, capsys):
+    path = tmp_path / "expected.json"
+    assert gate.run(path, bless=True) == 0
+    assert gate.run(path) == 0
+    assert "gate: PASS" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    data["models"]["resnet50"]["fastres"]["fastres_launches"] += 1
+    path.write_text(json.dumps(data))
+    assert gate.run(path) == 1
+    assert "gate: FAIL" in capsys.readouterr().out
