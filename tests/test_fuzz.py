@@ -1,12 +1,15 @@
 """A hypothesis-driven fuzz over convolution configurations, against the float64 reference."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings, strategies as st
 
-from fastres import conv_bn_act
-from helpers import assert_close
+pytest.importorskip("hypothesis")  # the GPU check machine has no hypothesis installed
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+from fastres import conv_bn_act  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

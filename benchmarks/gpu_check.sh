@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU check: on a CUDA machine with the stack preinstalled and no network (see
+# ../shared/ENVIRONMENT.md), run everything that needs a real GPU and collect the evidence.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR            # the full check (budget: under 8 minutes)
+#   bash benchmarks/gpu_check.sh OUT_DIR --smoke    # a CPU-sized subset, to test this script
+#
+# Steps, each logged to OUT_DIR, each with its own time limit, all run even if one fails:
+#   env.txt      commit, device, torch/triton/python versions
+#   tests.log    the test-suite with the Triton kernels compiled for real (FASTRES_AUTOTUNE=0:
+#                one config per shape class, so hundreds of tiny test shapes are not autotuned)
+#   demo.log     python -m fastres demo: resnet50 converted, checked, launches, timings
+#   gate.log     the timing-free perf-regression gate
+#   summary.md   one line per step with its exit code, and the headline numbers
+# Uses $PYTHON (default python3) with the checkout on PYTHONPATH; installs nothing.
+set -uo pipefail
+
+out="${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [--smoke]}"
+mode="${2:-full}"
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+export FASTRES_IN_GPU_CHECK=1  # tests/test_gpu_check.py would otherwise run this script again
+
+if [ "$mode" = "--smoke" ]; then
+    test_args=(tests/test_kernel.py -k "1x1_residual_norelu and fp32")
+    demo_args=(--model resnet18 --batch 1 --size 32 --iters 2 --no-interpreter-check)
+    limit_tests=300 limit_demo=120
+else
+    test_args=(tests)
+    demo_args=()
+    limit_tests=330 limit_demo=120
+fi
+
+{
+    echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit:  $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    "$py" - <<'PY'
+import platform, torch, triton
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"device:  {dev}")
+print(f"python:  {platform.python_version()}  torch: {torch.__version__}  triton: {triton.__version__}")
+PY
+} > "$out/env.txt" 2>&1
+
+declare -A rc
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local start=$(date +%s)
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    rc[$name]=$?
+    echo "[gpu_check] $name: exit ${rc[$name]} in $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
+}
+
+: > "$out/steps.txt"
+step tests "$limit_tests" env FASTRES_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider \
+    --junitxml="$out/tests.xml" "${test_args[@]}"
+step demo "$limit_demo" "$py" -m fastres demo "${demo_args[@]}"
+step gate 120 "$py" -m fastres gate
+
+{
+    echo "# fastres GPU check"
+    echo
+    sed 's/^/    /' "$out/env.txt"
+    echo
+    echo "| step | exit code | result |"
+    echo "|---|---|---|"
+    echo "| tests | ${rc[tests]} | $(grep -E '[0-9]+ (passed|failed)' "$out/tests.log" | tail -1) |"
+    echo "| demo | ${rc[demo]} | $(tail -1 "$out/demo.log") |"
+    echo "| gate | ${rc[gate]} | $(tail -1 "$out/gate.log" | cut -c1-80) |"
+    echo
+    echo "Demo timings:"
+    echo
+    grep -E "^  (original|fastres) " "$out/demo.log" | sed 's/^/    /'
+} > "$out/summary.md"
+cat "$out/summary.md"
+
+for name in tests demo gate; do
+    [ "${rc[$name]}" = "0" ] || exit 1
+done
