@@ -82,10 +82,14 @@ def _measure() -> dict:
             optimized(x)  # fold the BatchNorms now: the one-time folding is not per-forward work
         inputs: Dict[str, torch.Tensor] = {}
         hooks = []
+        def recorder(path):
+            def hook(module, args):  # returns None: the input goes on unchanged
+                inputs.setdefault(path, args[0])
+            return hook
+
         for path, module in original.named_modules():
             if block_kind(module):
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, args, path=path: inputs.setdefault(path, args[0])))
+                hooks.append(module.register_forward_pre_hook(recorder(path)))
         result["models"][name] = {"original": _summary(trace_ops(lambda: original(x))),
                                   "fastres": _summary(trace_ops(lambda: optimized(x)))}
         for h in hooks:

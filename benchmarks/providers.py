@@ -1,0 +1,86 @@
+"""The implementations a benchmark compares, side by side in one run.
+
+eager_nchw / eager_cl      the unfused module, NCHW-contiguous / channels_last
+eager_folded               BN folded into the conv by torch.fx.experimental.optimization.fuse
+                           (what torch.nn.utils.fusion.fuse_conv_bn_eval does per pair), channels_last
+compile / compile_max_autotune   torch.compile of the unfused module (default / "max-autotune"),
+                           channels_last
+fastres                    fastres's fused kernels (the functional op for a layer, the fused block,
+                           or fastres.optimize() for a model), channels_last
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Tuple
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
+
+import fastres
+from fastres.folding import fold_modules
+from fastres.modules import FusedBasicBlock, FusedBottleneck
+from fastres.ops import execution_plan
+
+PROVIDERS = ("eager_nchw", "eager_cl", "eager_folded", "compile", "compile_max_autotune", "fastres")
+COMPILED = ("compile", "compile_max_autotune")
+
+
+def memory_format(provider: str) -> torch.memory_format:
+    return torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
+
+
+def _layer_fastres(module) -> Callable:
+    """One fused launch: the layer's conv + BN (+ residual or downsample) + ReLU."""
+    case = module.case
+    # The weight layout the fused modules would use here (channels_last for the kernel).
+    _, fmt = execution_plan(module.conv.weight)
+    w, b = fold_modules(module.conv, module.bn, fmt)
+    if case.epilogue == "shortcut":
+        w2, b2 = fold_modules(module.downsample[0], module.downsample[1], fmt)
+        b = b + b2
+
+        def run(x, extra):
+            return fastres.conv_bn_act(x, w, b, stride=case.stride, padding=case.padding,
+                                       shortcut=(extra, w2, case.stride2))
+    elif case.epilogue == "residual":
+        def run(x, extra):
+            return fastres.conv_bn_act(x, w, b, stride=case.stride, padding=case.padding,
+                                       residual=extra)
+    else:
+        def run(x):
+            return fastres.conv_bn_act(x, w, b, stride=case.stride, padding=case.padding)
+    return run
+
+
+def build(provider: str, module: nn.Module, level: str, dtype: torch.dtype,
+          device: torch.device) -> Callable:
+    """A callable taking the case's inputs, for `provider`, on a private copy of `module`."""
+    m = copy.deepcopy(module).eval().to(device=device, dtype=dtype,
+                                        memory_format=memory_format(provider))
+    if provider in ("eager_nchw", "eager_cl"):
+        return m
+    if provider == "eager_folded":
+        return fx_fuse_conv_bn(m)
+    if provider == "compile":
+        return torch.compile(m)
+    if provider == "compile_max_autotune":
+        return torch.compile(m, mode="max-autotune")
+    if provider == "fastres":
+        if level == "layer":
+            with torch.no_grad():
+                return _layer_fastres(m)
+        if level == "block":
+            cls = FusedBottleneck if hasattr(m, "conv3") else FusedBasicBlock
+            return cls.from_block(m)
+        return fastres.optimize(m)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def inputs_for(level: str, module: nn.Module, case, dtype, device, provider) -> Tuple[torch.Tensor, ...]:
+    fmt = memory_format(provider)
+    if level == "layer":
+        return module.make_inputs(dtype, device, fmt)
+    C, H = (3, 224) if level == "model" else (case.C, case.H)
+    x = torch.randn(case.N, C, H, H, dtype=dtype, device=device)
+    return (x.contiguous(memory_format=fmt),)
