@@ -17,7 +17,8 @@ setup(
     # machine: torch 2.11 + triton 3.6).
     install_requires=["torch>=2.11,<2.15", "triton>=3.6,<3.9"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "torchvision", "timm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "torchvision", "timm", "matplotlib"],
+        "bench": ["pytest", "pytest-benchmark", "torchvision", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastres=fastres.cli:main"]},
 )

@@ -86,7 +86,7 @@ def peaks():
             result["bytes_per_s"] = 2 * src.numel() / (_time_ms(lambda: dst.copy_(src)) * 1e-3)
         else:
             import time
-            n = 512
+            n = 1024
             a, b = torch.randn(n, n), torch.randn(n, n)
             for _ in range(3):
                 a @ b

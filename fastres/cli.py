@@ -359,7 +359,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastres",
                                      description="fastres: fused conv+BN+ReLU kernels for ResNets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,gate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,gate}")
 
     demo_parser = commands.add_parser(
         "demo", help="convert a torchvision ResNet, check it, count launches and time it",
@@ -393,10 +393,48 @@ def build_parser() -> argparse.ArgumentParser:
                              help="write the measured numbers as the new expectations")
     gate_parser.set_defaults(run=lambda args: gate.run(args.expected, args.bless))
 
+    bench_parser = commands.add_parser(
+        "bench", help="run the benchmark suites and write a table, JSON, CSV and a plot",
+        description="Run the pytest-benchmark suites (benchmarks/) for the chosen levels and "
+                    "options, print a table and write raw.json, results.json, results.csv and "
+                    "speedup.png to --out. Without a GPU a small labelled CPU subset runs.")
+    bench_parser.add_argument("--level", default="layer,block,model",
+                              help="comma list of layer, block, model (default: all)")
+    bench_parser.add_argument("--models", help="comma list (default: resnet18,resnet50)")
+    bench_parser.add_argument("--dtypes", help="comma list of float16,bfloat16,float32")
+    bench_parser.add_argument("--providers", help="comma list (default: all)")
+    bench_parser.add_argument("--batches", help="model-level batches (default: 1,32,256)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="the quick set (fp16, resnet50, batch 256, no max-autotune)")
+    bench_parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays")
+    bench_parser.add_argument("--out", type=Path, default=Path("fastres-bench-out"),
+                              help="output folder (default: ./fastres-bench-out)")
+    bench_parser.set_defaults(run=_bench)
+
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess
     _add_model_options(interpret_parser)
     interpret_parser.set_defaults(run=demo_interpret)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastres import bench  # imports pytest, only needed here
+
+    levels = [level.strip() for level in args.level.split(",") if level.strip()]
+    unknown = set(levels) - set(bench.LEVEL_FILES)
+    if unknown:
+        print(f"bench: unknown level(s) {sorted(unknown)}; choose from layer, block, model")
+        return 2
+    extra = []
+    for flag, value in (("--bench-models", args.models), ("--bench-dtypes", args.dtypes),
+                        ("--bench-providers", args.providers), ("--bench-batches", args.batches)):
+        if value:
+            extra.append(f"{flag}={value}")
+    if args.quick:
+        extra.append("--bench-quick")
+    if args.cuda_graph:
+        extra.append("--bench-cuda-graph")
+    return bench.run(args.out, levels, extra)
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -89,4 +89,4 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
-    assert "{demo,gate}" in capsys.readouterr().err
+    assert "{demo,bench,gate}" in capsys.readouterr().err
