@@ -34,8 +34,9 @@ def pytest_addoption(parser):
                     "on a CPU)")
     group.addoption("--bench-models", help="comma list (default: resnet18,resnet50)")
     group.addoption("--bench-batches", help="model-level batches (default: 1,32,256 on a GPU)")
-    group.addoption("--bench-quick", action="store_true", help="the quick set: fp16 only, "
-                    "model level at batch 256, layers of resnet50")
+    group.addoption("--bench-quick", action="store_true", help="the quick set: fp16, resnet50, "
+                    "model level at batch 256 (torch.compile default only), layers and blocks "
+                    "without torch.compile")
     group.addoption("--bench-cuda-graph", action="store_true", help="time CUDA-graph replays")
 
 
@@ -172,7 +173,11 @@ def pytest_generate_tests(metafunc):
     if "provider" in names:
         default = [p for p in PROVIDERS if ON_GPU or p not in COMPILED]
         if quick:
-            default = [p for p in default if p != "compile_max_autotune"]
+            # The quick set's budget (minutes, autotuning included) has no room for a
+            # torch.compile per layer or block, nor for max-autotune anywhere.
+            per_case = metafunc.function.__name__ in ("test_layer", "test_block")
+            default = [p for p in default
+                       if p != "compile_max_autotune" and not (per_case and p in COMPILED)]
         metafunc.parametrize("provider", selected(cfg, "--bench-providers", default, default))
     if "dtype_name" in names:
         gpu = ["float16"] if quick else list(DTYPES)

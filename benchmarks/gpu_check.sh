@@ -11,6 +11,10 @@
 #                one config per shape class, so hundreds of tiny test shapes are not autotuned)
 #   demo.log     python -m fastres demo: resnet50 converted, checked, launches, timings
 #   gate.log     the timing-free perf-regression gate
+#   bench/       python -m fastres bench --quick --level layer,model: raw.json, results.json,
+#                results.csv, speedup.png (bench.log: its table)
+#   timing_gate.log   the GPU half of the gate against benchmarks/baselines/<gpu>.json, when
+#                that baseline exists (otherwise bless bench/results.json after reviewing it)
 #   summary.md   one line per step with its exit code, and the headline numbers
 # Uses $PYTHON (default python3) with the checkout on PYTHONPATH; installs nothing.
 set -uo pipefail
@@ -25,14 +29,17 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 export FASTRES_IN_GPU_CHECK=1  # tests/test_gpu_check.py would otherwise run this script again
 
+# Time limits add up to under 8 minutes; a step that runs out is killed and the next one runs.
 if [ "$mode" = "--smoke" ]; then
     test_args=(tests/test_kernel.py -k "1x1_residual_norelu and fp32")
     demo_args=(--model resnet18 --batch 1 --size 32 --iters 2 --no-interpreter-check)
-    limit_tests=300 limit_demo=120
+    bench_args=(--level layer --providers eager_cl,fastres)
+    limit_tests=120 limit_demo=60 limit_bench=120
 else
     test_args=(tests)
     demo_args=()
-    limit_tests=330 limit_demo=120
+    bench_args=(--quick --level layer,model)
+    limit_tests=200 limit_demo=60 limit_bench=170
 fi
 
 {
@@ -60,7 +67,11 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step tests "$limit_tests" env FASTRES_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider \
     --junitxml="$out/tests.xml" "${test_args[@]}"
 step demo "$limit_demo" "$py" -m fastres demo "${demo_args[@]}"
-step gate 120 "$py" -m fastres gate
+step gate 40 "$py" -m fastres gate
+step bench "$limit_bench" "$py" -m fastres bench "${bench_args[@]}" --out "$out/bench"
+if [ -f "$out/bench/results.json" ] && [ "$mode" != "--smoke" ]; then
+    step timing_gate 20 "$py" -m fastres gate --timings "$out/bench/results.json"
+fi
 
 {
     echo "# fastres GPU check"
@@ -72,13 +83,21 @@ step gate 120 "$py" -m fastres gate
     echo "| tests | ${rc[tests]} | $(grep -E '[0-9]+ (passed|failed)' "$out/tests.log" | tail -1) |"
     echo "| demo | ${rc[demo]} | $(tail -1 "$out/demo.log") |"
     echo "| gate | ${rc[gate]} | $(tail -1 "$out/gate.log" | cut -c1-80) |"
+    echo "| bench | ${rc[bench]} | $(tail -1 "$out/bench.log" | cut -c1-80) |"
+    if [ -n "${rc[timing_gate]:-}" ]; then
+        echo "| timing gate | ${rc[timing_gate]} | $(tail -1 "$out/timing_gate.log" | cut -c1-80) |"
+    fi
     echo
     echo "Demo timings:"
     echo
     grep -E "^  (original|fastres) " "$out/demo.log" | sed 's/^/    /'
+    echo
+    echo "Benchmark table (median ms per call; fastres speedups; roofline fraction):"
+    echo
+    sed -n '/^level /,/^(times/p' "$out/bench.log" | sed 's/^/    /'
 } > "$out/summary.md"
 cat "$out/summary.md"
 
-for name in tests demo gate; do
+for name in "${!rc[@]}"; do
     [ "${rc[$name]}" = "0" ] || exit 1
 done

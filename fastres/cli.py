@@ -383,15 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate_parser = commands.add_parser(
         "gate", help="check launches and bytes per forward against committed expectations",
-        description="The timing-free perf-regression gate: kernel launches and bytes moved per "
-                    "forward of resnet18/50 and their blocks, compared with "
-                    "benchmarks/baselines/cpu_gate.json. Exit code 1 on any difference.")
+        description="The perf-regression gate. By default its timing-free half: kernel launches "
+                    "and bytes moved per forward of resnet18/50 and their blocks, compared with "
+                    "benchmarks/baselines/cpu_gate.json. With --timings, its GPU half: fastres's "
+                    "speedup over eager channels_last per case against the device's baseline. "
+                    "Exit code 1 on a difference / regression.")
     gate_parser.add_argument("--expected", type=Path, default=None,
                              help="expectations file (default: the checkout's "
                                   "benchmarks/baselines/cpu_gate.json)")
     gate_parser.add_argument("--bless", action="store_true",
-                             help="write the measured numbers as the new expectations")
-    gate_parser.set_defaults(run=lambda args: gate.run(args.expected, args.bless))
+                             help="write the measured numbers (or --timings results) as the new "
+                                  "expectations (baseline)")
+    gate_parser.add_argument("--timings", type=Path, default=None,
+                             help="GPU half: a `fastres bench` results.json to check against "
+                                  "the device's baseline in benchmarks/baselines/")
+    gate_parser.add_argument("--baseline", type=Path, default=None,
+                             help="with --timings: the baseline file (default: by device name)")
+    gate_parser.add_argument("--threshold", type=float, default=gate.DEFAULT_THRESHOLD,
+                             help="with --timings: allowed fall of fastres's speedup over eager "
+                                  "channels_last (default: %(default)s)")
+    gate_parser.set_defaults(run=_gate)
 
     bench_parser = commands.add_parser(
         "bench", help="run the benchmark suites and write a table, JSON, CSV and a plot",
@@ -415,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(interpret_parser)
     interpret_parser.set_defaults(run=demo_interpret)
     return parser
+
+
+def _gate(args: argparse.Namespace) -> int:
+    if args.timings is not None:
+        return gate.run_timings(args.timings, args.baseline, args.bless, args.threshold)
+    return gate.run(args.expected, args.bless)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -155,3 +155,76 @@ def run(expected_path: Optional[Path] = None, bless: bool = False) -> int:
     print("gate: PASS" if ok else f"gate: FAIL (launches or bytes differ from {path}; if the "
           "change is intended, bless it with `python -m fastres gate --bless` and commit)")
     return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU half: timings against a stored per-GPU baseline.
+#
+# What is compared is fastres's speedup over eager channels_last on each case, measured side by
+# side in the same run, not raw times: a slower clock, a warmer card or another driver moves
+# both providers alike and cancels out of the ratio, while a change that slows fastres does not.
+# Threshold: a case fails when its speedup falls by more than 10%. Triton's do_bench medians
+# over rotated inputs repeat to within a few percent from run to run; 10% leaves room for that
+# on both sides of the ratio. It is a starting value: re-derive it from the spread of repeated
+# GPU runs (benchmarks/results/) and change DEFAULT_THRESHOLD with that evidence.
+
+DEFAULT_THRESHOLD = 0.10
+BASELINES = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines"
+
+
+def baseline_path_for(device_name: str) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return BASELINES / f"{slug}.json"
+
+
+def _speedups(rows: List[dict]) -> Dict[Tuple[str, str, str], dict]:
+    return {(r["level"], r["case"], r["dtype"]): r for r in rows if "speedup_vs_eager_cl" in r}
+
+
+def compare_timings(baseline: dict, current: dict, threshold: float = DEFAULT_THRESHOLD
+                    ) -> Tuple[bool, List[str]]:
+    base, cur = _speedups(baseline["rows"]), _speedups(current["rows"])
+    lines = [f"baseline: {baseline['environment'].get('device')} commit "
+             f"{baseline['environment'].get('commit', '?')[:12]}; this run: "
+             f"{current['environment'].get('device')} commit {current['environment'].get('commit', '?')[:12]}",
+             f"{'case':<60} {'speedup base':>12} {'now':>7} {'change':>8}   status"]
+    ok, unchanged = True, 0
+    for key in sorted(set(base) & set(cur)):
+        b, c = base[key]["speedup_vs_eager_cl"], cur[key]["speedup_vs_eager_cl"]
+        change = c / b - 1
+        if change < -threshold:
+            ok, status = False, "REGRESSION"
+        elif change > threshold:
+            status = "improvement"
+        else:
+            unchanged += 1
+            continue
+        lines.append(f"{' '.join(key)[:60]:<60} {b:11.2f}x {c:6.2f}x {100 * change:+7.1f}%   {status}")
+    lines.append(f"{unchanged} case(s) within +-{100 * threshold:.0f}% of the baseline")
+    for key in sorted(set(cur) - set(base)):
+        lines.append(f"new case, not in the baseline: {' '.join(key)}")
+    for key in sorted(set(base) - set(cur)):
+        lines.append(f"not measured in this run: {' '.join(key)}")
+    return ok, lines
+
+
+def run_timings(results_path: Path, baseline: Optional[Path] = None, bless: bool = False,
+                threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Check a `python -m fastres bench` results.json against the baseline (or bless it)."""
+    current = json.loads(Path(results_path).read_text())
+    path = Path(baseline) if baseline else baseline_path_for(current["environment"]["device"])
+    if bless:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2) + "\n")
+        print(f"gate: blessed {results_path} as the baseline {path}")
+        return 0
+    if not path.is_file():
+        print(f"gate: no baseline at {path}; bless one with --timings {results_path} --bless")
+        return 1
+    ok, lines = compare_timings(json.loads(path.read_text()), current, threshold)
+    print("\n".join(lines))
+    print("gate: PASS" if ok else f"gate: FAIL (fastres's speedup fell by more than "
+          f"{100 * threshold:.0f}% on the cases above)")
+    return 0 if ok else 1

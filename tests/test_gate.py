@@ -51,3 +51,40 @@ def test_bless_writes_what_check_reads(tmp_path, capsys):
     path.write_text(json.dumps(data))
     assert gate.run(path) == 1
     assert "gate: FAIL" in capsys.readouterr().out
+
+
+# ---- the GPU half: speedups against a stored baseline (synthetic results here) -----------------
+
+def _results(speedups, device="NVIDIA H100 80GB HBM3"):
+    rows = [{"level": "layer", "case": case, "dtype": "float16", "fastres_ms": 1.0,
+             "eager_cl_ms": s, "speedup_vs_eager_cl": s} for case, s in speedups.items()]
+    return {"environment": {"device": device, "commit": "abc"}, "rows": rows}
+
+
+def test_timing_gate_flags_only_falls_beyond_the_threshold():
+    base = _results({"a": 2.0, "b": 1.5, "c": 1.2})
+    now = _results({"a": 1.85, "b": 1.2, "c": 1.5, "d": 1.0})  # -7.5%, -20%, +25%, new
+    ok, lines = gate.compare_timings(base, now, threshold=0.10)
+    text = "\n".join(lines)
+    assert not ok
+    assert "layer b float16" in text and "REGRESSION" in text
+    assert "improvement" in text and "1 case(s) within" in text and "new case" in text
+    ok, _ = gate.compare_timings(base, _results({"a": 1.9, "b": 1.45, "c": 1.2}), threshold=0.10)
+    assert ok
+
+
+def test_timing_gate_bless_and_check(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_results({"a": 2.0})))
+    baseline = tmp_path / "baseline.json"
+    assert gate.run_timings(results, baseline) == 1  # no baseline yet
+    assert gate.run_timings(results, baseline, bless=True) == 0
+    assert gate.run_timings(results, baseline) == 0
+    results.write_text(json.dumps(_results({"a": 1.0})))
+    assert gate.run_timings(results, baseline) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+
+
+def test_baseline_file_is_named_after_the_device():
+    path = gate.baseline_path_for("NVIDIA H100 80GB HBM3")
+    assert path.name == "nvidia-h100-80gb-hbm3.json" and path.parent.name == "baselines"
