@@ -144,6 +144,10 @@ def environment() -> dict:
 
 
 def run(out: Path, levels: List[str], extra_args: List[str]) -> int:
+    if not (ROOT / "benchmarks" / "conftest.py").is_file():
+        print(f"bench: the suites live in a source checkout's benchmarks/ folder, not found next to "
+              f"this fastres ({ROOT}); run it from a checkout (pip install -e .)")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     code = run_suites(out, levels, extra_args)
     raw_path = out / "raw.json"
