@@ -21,6 +21,12 @@ Compile-time options (one kernel, no near-copies):
                   interpreter, which holds bf16 as raw uint16 and gets bf16 dot products wrong
   INPUT_PRECISION "tf32" or "ieee" for fp32 operands on the GPU (ignored for fp16/bf16)
   INDEX_64        64-bit channel offsets, for inputs whose single-image extent passes 2^31
+  PROLOGUE        apply a per-input-channel fp32 scale/shift and ReLU to x as it is loaded (the
+                  previous layer's training-mode BatchNorm + ReLU, fused into this conv's loads);
+                  padding stays zero, as it is zero in the unfused graph after that ReLU
+  STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
+                  sum of squared deviations (M2) of the output (fp32): batch statistics for a
+                  training-mode BatchNorm, merged stably by fastres.kernels.conv.merge_batch_stats
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used.
 INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16 to compile for a GPU
+STATS_CHUNK = 64  # output rows per batch-statistics partial (STATS needs BLOCK_M % 64 == 0)
 
 _launches = 0
 
@@ -50,11 +57,12 @@ def launch_count() -> int:
 @triton.jit
 def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
                      C, H, W, sxn, sxc, sxh, sxw, swk, swc, swr, sws,
-                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale_ptr, shift_ptr,
                      R: tl.constexpr, S: tl.constexpr, FLAT_REDUCTION: tl.constexpr,
                      UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """acc[m, k] += sum over (r, s, c) of x[n, c, h, w] * w[k, c, r, s] for one output tile."""
+                     PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[m, k] += sum over (r, s, c) of x[n, c, h, w] * w[k, c, r, s] for one output tile
+    (x through the BN + ReLU prologue when PROLOGUE)."""
     offs_kb = tl.arange(0, BLOCK_K)
     row_base = n_idx.to(tl.int64) * sxn  # int64: the batch stride times N can pass 2^31
     h0 = p_idx * stride_h - pad_h
@@ -75,6 +83,15 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
                 c = c.to(tl.int64)
             a_off = row_base[:, None] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + c[None, :] * sxc
             a = tl.load(x_ptr + a_off, mask=mask_a, other=0.0)
+            if PROLOGUE:
+                # relu(a * scale[c] + shift[c]) in fp32, zero where nothing was loaded (the
+                # padding is zero after the ReLU in the unfused graph too), rounded back to the
+                # input dtype as the unfused graph stores it. Written out here and in the loop
+                # below: Triton's interpreter cannot call a jit helper from a jit helper.
+                scale = tl.load(scale_ptr + c, mask=kk < red, other=0.0)
+                shift = tl.load(shift_ptr + c, mask=kk < red, other=0.0)
+                act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+                a = tl.where(mask_a, act, 0.0).to(a.dtype)
             b_off = offs_n[None, :] * swk + (c * swc + r * swr + s * sws)[:, None]
             b = tl.load(w_ptr + b_off, mask=(kk < red)[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
@@ -95,8 +112,13 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
                 mask_c = c < C
                 if INDEX_64:
                     c = c.to(tl.int64)
-                a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
-                            mask=valid_m[:, None] & mask_c[None, :], other=0.0)
+                mask_a = valid_m[:, None] & mask_c[None, :]
+                a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc, mask=mask_a, other=0.0)
+                if PROLOGUE:  # as in the flat branch above
+                    scale = tl.load(scale_ptr + c, mask=mask_c, other=0.0)
+                    shift = tl.load(shift_ptr + c, mask=mask_c, other=0.0)
+                    act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+                    a = tl.where(mask_a, act, 0.0).to(a.dtype)
                 b = tl.load(w_tap + offs_n[None, :] * swk + c[:, None] * swc,
                             mask=mask_c[:, None] & mask_n[None, :], other=0.0)
                 if UPCAST:
@@ -108,7 +130,7 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
 
 @triton.jit
 def fused_conv2d_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, out_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, shift_ptr, stats_ptr,
         N, C, H, W, K, P, Q, C2, H2, W2,
         sxn, sxc, sxh, sxw,
         swk, swc, swr, sws,
@@ -120,7 +142,8 @@ def fused_conv2d_kernel(
         R: tl.constexpr, S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
         APPLY_RELU: tl.constexpr, FLAT_REDUCTION: tl.constexpr, UPCAST: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
+        STATS: tl.constexpr, STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     M = N * P * Q
@@ -147,20 +170,37 @@ def fused_conv2d_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
                            C, H, W, sxn, sxc, sxh, sxw, swk, swc, swr, sws,
-                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                           R, S, FLAT_REDUCTION, UPCAST, INPUT_PRECISION, INDEX_64, BLOCK_K)
+                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale_ptr, shift_ptr,
+                           R, S, FLAT_REDUCTION, UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE,
+                           BLOCK_K)
     if HAS_SHORTCUT:
         # The downsample branch: a 1x1, unpadded, strided conv of the block input, reduced
         # into the same accumulator (its folded BN shift is already part of the bias).
         acc = _accumulate_conv(acc, x2_ptr, w2_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
                                C2, H2, W2, s2n, s2c, s2h, s2w, sw2k, sw2c, 0, 0,
-                               stride2_h, stride2_w, 0, 0, 1, 1,
-                               1, 1, False, UPCAST, INPUT_PRECISION, INDEX_64, BLOCK_K)
+                               stride2_h, stride2_w, 0, 0, 1, 1, scale_ptr, shift_ptr,
+                               1, 1, False, UPCAST, INPUT_PRECISION, INDEX_64, False, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
+    if STATS:
+        # Per chunk of STATS_CHUNK rows: mean and M2 around that chunk's own mean, so that the
+        # merge never subtracts two large sums (no E[x^2] - E[x]^2 cancellation). The chunk
+        # size is fixed, not BLOCK_M, so the host knows the layout whatever config runs.
+        CHUNKS: tl.constexpr = BLOCK_M // STATS_CHUNK
+        vals = tl.reshape(acc, (CHUNKS, STATS_CHUNK, BLOCK_N))
+        rows = tl.reshape(mask_m, (CHUNKS, STATS_CHUNK))
+        count = tl.maximum(tl.sum(rows.to(tl.float32), axis=1), 1.0)
+        mean = tl.sum(tl.where(rows[:, :, None], vals, 0.0), axis=1) / count[:, None]
+        dev = tl.where(rows[:, :, None], vals - mean[:, None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        chunk = pid_m * CHUNKS + tl.arange(0, CHUNKS)
+        s_off = chunk.to(tl.int64)[:, None] * (2 * K) + offs_n[None, :]
+        s_mask = (chunk * STATS_CHUNK < M)[:, None] & mask_n[None, :]
+        tl.store(stats_ptr + s_off, mean, mask=s_mask)
+        tl.store(stats_ptr + s_off + K, m2, mask=s_mask)
     n64 = n_idx.to(tl.int64)
     if HAS_RESIDUAL:
         r_off = (n64 * srn + p_idx.to(tl.int64) * srh + q_idx.to(tl.int64) * srw)[:, None] \
@@ -232,7 +272,9 @@ def prune_to_shape_class(configs, named_args, **kwargs):
     kept = [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
                 c.num_warps, c.num_stages) in wanted]
-    return kept or list(configs)[:1]
+    if args.get("STATS"):
+        kept = [c for c in (kept or configs) if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0]
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0][:1]
 
 
 _table_cache: dict = {}
@@ -259,12 +301,13 @@ def _build_tuned_kernel():
     """The autotuned kernel for real GPUs: every curated config, pruned to the shape's class."""
     return triton.autotune(
         configs=all_tuning_configs(),
-        key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL"],
+        key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL", "PROLOGUE",
+             "STATS"],
         prune_configs_by={"early_config_prune": prune_to_shape_class},
     )(fused_conv2d_kernel)
 
 
-def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool):
+def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: bool = False):
     """The kernel to launch and the meta-parameters the launch must pass itself.
 
     FASTRES_AUTOTUNE=0 (read per launch) skips autotuning on the GPU and takes the first config
@@ -276,7 +319,11 @@ def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool):
     if os.environ.get("FASTRES_AUTOTUNE", "1") == "0":
         table = _config_table()
         name = shape_class(table, M=M, C=C, K=K, R=R, S=S, flat=flat)
-        cfg = next(e for e in table["classes"] if e["name"] == name)["configs"][0]
+        cfgs = next(e for e in table["classes"] if e["name"] == name)["configs"]
+        if stats:
+            cfgs = [c for c in cfgs if c["BLOCK_M"] % STATS_CHUNK == 0] or [
+                c for e in table["classes"] for c in e["configs"] if c["BLOCK_M"] % STATS_CHUNK == 0]
+        cfg = cfgs[0]
         meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         return fused_conv2d_kernel, dict(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if _tuned_kernel is None:
@@ -294,10 +341,12 @@ def use_flat_reduction(C: int, R: int, S: int) -> bool:
 
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
                  stride2, relu: bool, fp32_precision: str = "ieee", flat_reduction=None,
-                 index_64=None):
+                 index_64=None, prologue=None, stats=None):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
 
     flat_reduction / index_64: None chooses by the problem; tests force each variant.
+    prologue: (scale, shift), fp32 (C,) each: x is read as relu(x * scale + shift) per channel.
+    stats: fp32 (stats_chunks(M), 2, K) to fill with per-chunk (mean, M2) of the output.
 
     x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
     residual: (N, K, P, Q) or None; x2/weight2: shortcut input (N, C2, H2, W2) and its 1x1 weight
@@ -325,20 +374,44 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         fp32_precision = "tf32"  # the compiler's default; only fp32 operands look at it
     sr = residual.stride() if residual is not None else (0, 0, 0, 0)
     M = N * P * Q
-    kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction)
+    if stats is not None and tuple(stats.shape) != (stats_chunks(M), 2, K):
+        raise ValueError(f"stats buffer must be {(stats_chunks(M), 2, K)}, got {tuple(stats.shape)}")
+    kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None)
+    scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
 
     def grid(m):
         return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
-        x2, weight2, out,
+        x2, weight2, out, scale, shift, stats if stats is not None else out,
         N, C, H, W, K, P, Q, C2, H2, W2,
         *x.stride(), *weight.stride(), *s2, sw2[0], sw2[1], *sr, *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         stride2[0], stride2[1],
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_REDUCTION=flat_reduction, UPCAST=upcast,
-        INPUT_PRECISION=fp32_precision, INDEX_64=index_64, **meta)
+        INPUT_PRECISION=fp32_precision, INDEX_64=index_64, PROLOGUE=prologue is not None,
+        STATS=stats is not None, STATS_CHUNK=STATS_CHUNK, **meta)
     _launches += 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch statistics from the STATS epilogue's partials.
+
+def stats_chunks(M: int) -> int:
+    """Number of STATS_CHUNK-row partials for an output of M = N*P*Q rows."""
+    return triton.cdiv(M, STATS_CHUNK)
+
+
+def merge_batch_stats(stats: torch.Tensor, M: int):
+    """(mean, biased var) per channel from the per-chunk (mean, M2) partials, merged with Chan
+    et al.'s parallel formula: M2 = sum M2_i + sum n_i (mean_i - mean)^2. Every term is a
+    deviation from a nearby mean, so large means do not cancel the variance away."""
+    counts = torch.full((stats.shape[0],), float(STATS_CHUNK), device=stats.device)
+    counts[-1] = M - STATS_CHUNK * (stats.shape[0] - 1)
+    means, m2 = stats[:, 0], stats[:, 1]
+    mean = (counts[:, None] * means).sum(0) / M
+    m2_total = m2.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+    return mean, m2_total / M

@@ -1,0 +1,119 @@
+"""Kernel pieces of training-mode fusion (issue 4, first step): the BN-apply + ReLU prologue
+and the batch-statistics epilogue, against float64 references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres.kernels import conv as conv_kernels
+from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, to_format
+
+# (N, C, H, W, K, R, stride, padding): channel-loop 3x3, flat 7x7 stem-like, 1x1 with several
+# channel blocks
+PROLOGUE_CASES = {"3x3_p1": (2, 19, 9, 7, 21, 3, 1, 1), "7x7_p3_flat": (1, 5, 13, 11, 16, 7, 2, 3),
+                  "1x1_many_channels": (2, 150, 5, 6, 24, 1, 1, 0)}
+
+
+def _conv_out(H, R, stride, padding):
+    return (H + 2 * padding - R) // stride + 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(PROLOGUE_CASES))
+def test_prologue_applies_bn_and_relu_and_keeps_padding_zero(name, dtype, fmt, device):
+    N, C, H, W, K, R, stride, padding = PROLOGUE_CASES[name]
+    x = to_format(torch.randn(N, C, H, W, device=device).to(dtype), fmt)
+    w = (torch.randn(K, C, R, R, device=device) / math.sqrt(C * R * R)).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(C, device=device) + 0.5
+    shift = torch.rand(C, device=device) + 0.5  # > 0: relu(shift) != 0, so bad padding shows
+    P, Q = _conv_out(H, R, stride, padding), _conv_out(W, R, stride, padding)
+    out = to_format(torch.full((N, K, P, Q), float("nan"), dtype=dtype, device=device), fmt)
+    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (stride, stride),
+                              (padding, padding), (1, 1), (1, 1), False, "ieee",
+                              prologue=(scale, shift))
+    d = torch.float64
+    act = torch.relu(x.to(d) * scale.to(d).view(1, -1, 1, 1) + shift.to(d).view(1, -1, 1, 1))
+    act = act.to(dtype).to(d)  # the unfused graph stores the BN+ReLU output in the dtype
+    ref = F.conv2d(act, w.to(d), None, stride, padding)
+    assert_close(out, ref, dtype, C * R * R)
+
+
+def _stats_reference(y64):
+    var, mean = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 16, 9, 11, 24), (3, 40, 15, 13, 70)], ids=["odd_M", "multi_tile"])
+def test_stats_epilogue_matches_batch_var_mean(shape, dtype, device):
+    N, C, H, W, K = shape
+    x = torch.randn(N, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(K, C, 3, 3, device=device) / math.sqrt(9 * C)).to(dtype)
+    out = torch.full((N, K, H, W), float("nan"), dtype=dtype, device=device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    M = N * H * W
+    stats = torch.full((conv_kernels.stats_chunks(M), 2, K), float("nan"), device=device)
+    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
+                              False, "ieee", stats=stats)
+    y64 = F.conv2d(x.double(), w.double(), None, 1, 1)
+    assert_close(out, y64, dtype, 9 * C)  # the raw conv output is still written
+    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    ref_mean, ref_var = _stats_reference(y64)
+    # The statistics come from the fp32 accumulator, before the output is rounded to dtype.
+    torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double().cpu(), ref_var.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_stats_are_stable_for_large_means(device):
+    """An output with mean ~3e3 and std ~1: E[y^2] - E[y]^2 in fp32 loses the variance, the
+    chunk-wise merge does not."""
+    N, C, H, W, K = 4, 8, 16, 16, 8
+    x = (torch.randn(N, C, H, W, device=device) * 0.3 + 1000.0).contiguous(memory_format=torch.channels_last)
+    w = torch.full((K, C, 1, 1), 1.0 / C, device=device) * (torch.rand(K, 1, 1, 1, device=device) + 2.5)
+    out = torch.empty(N, K, H, W, device=device).contiguous(memory_format=torch.channels_last)
+    M = N * H * W
+    stats = torch.empty(conv_kernels.stats_chunks(M), 2, K, device=device)
+    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1), (1, 1),
+                              False, "ieee", stats=stats)
+    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    _, ref_var = _stats_reference(F.conv2d(x.double(), w.double()))
+    rel = ((var.double().cpu() - ref_var.cpu()).abs() / ref_var.cpu()).max().item()
+    assert rel < 1e-3, rel
+    # The naive formula on the same fp32 output really does fail here (so this test can fail).
+    y = out.float()
+    naive = (y * y).mean((0, 2, 3)) - y.mean((0, 2, 3)) ** 2
+    assert ((naive.double().cpu() - ref_var.cpu()).abs() / ref_var.cpu()).max().item() > 1e-2
+
+
+def test_prologue_and_stats_in_one_launch(device):
+    """The training-mode middle conv: previous BN+ReLU on load, own statistics on store."""
+    N, C, H, W, K = 2, 24, 10, 9, 32
+    x = torch.randn(N, C, H, W, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, C, 3, 3, device=device) / math.sqrt(9 * C)
+    scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    out = torch.empty(N, K, H, W, device=device).contiguous(memory_format=torch.channels_last)
+    M = N * H * W
+    stats = torch.empty(conv_kernels.stats_chunks(M), 2, K, device=device)
+    before = conv_kernels.launch_count()
+    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
+                              False, "ieee", prologue=(scale, shift), stats=stats)
+    assert conv_kernels.launch_count() - before == 1
+    act = torch.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+    y64 = F.conv2d(act, w.double(), None, 1, 1)
+    assert_close(out, y64, torch.float32, 9 * C)
+    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    ref_mean, ref_var = _stats_reference(y64)
+    torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double().cpu(), ref_var.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_stats_buffer_shape_is_checked(device):
+    x = torch.randn(1, 4, 5, 5, device=device)
+    w = torch.randn(8, 4, 1, 1, device=device)
+    out = torch.empty(1, 8, 5, 5, device=device)
+    with pytest.raises(ValueError, match="stats buffer"):
+        conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1),
+                                  (1, 1), False, "ieee", stats=torch.empty(3, 2, 8, device=device))
