@@ -110,7 +110,16 @@ def run_case(benchmark, request, peaks, device):
     """Time fn over rotated input sets and record everything a report needs."""
     cuda_graph = bool(option(request.config, "--bench-cuda-graph", False))
 
-    def run(*, level, case, provider, dtype_name, fn, make_inputs, flops, traffic):
+    def run(*, level, case, module, provider, dtype_name, flops, traffic):
+        """Build `provider`'s version of `module`, time it on `case`'s inputs, record it."""
+        import providers
+
+        dtype = DTYPES[dtype_name]
+        fn = providers.build(provider, module, level, dtype, device)
+
+        def make_inputs():
+            return providers.inputs_for(level, module, case, dtype, device, provider)
+
         first = make_inputs()
         set_bytes = sum(t.numel() * t.element_size() for t in first)
         n_sets = rotation_sets(set_bytes, H100_L2_BYTES if ON_GPU else 0)
@@ -140,7 +149,7 @@ def run_case(benchmark, request, peaks, device):
         peak_flops = peaks.get(dtype_name, peaks["float32"])
         floor_ms = max(flops / peak_flops, traffic / peaks["bytes_per_s"]) * 1e3
         benchmark.extra_info.update(
-            level=level, case=case, provider=provider, dtype=dtype_name,
+            level=level, case=case.name, provider=provider, dtype=dtype_name,
             device=torch.cuda.get_device_name() if ON_GPU else "cpu",
             torch=torch.__version__, timing=timing, median_ms=median_ms, input_sets=n_sets,
             flops=flops, min_bytes=traffic, tflops=flops / (median_ms * 1e-3) / 1e12,
