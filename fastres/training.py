@@ -69,30 +69,6 @@ def conv_with_stats(x: Tensor, conv: nn.Conv2d, prologue: Optional[Tuple[Tensor,
     return out, mean, var, M
 
 
-def block_train_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """Training-mode forward of a fused BasicBlock/Bottleneck through the fused kernels.
-
-    Forward only (the result does not require grad) and not yet used by the modules: it exists
-    to be checked against the unfused block (outputs and running statistics) while the backward
-    pass is built. Every BN of the block must be in train mode.
-    """
-    stages = ["conv1", "conv2"] + (["conv3"] if "conv3" in block._modules else [])
-    out, prologue = x, None
-    for i, name in enumerate(stages):
-        conv, bn = block._modules[name], block._modules["bn" + name[-1]]
-        y, mean, var, count = conv_with_stats(out, conv, prologue)
-        scale, shift = finalize_batch_norm(bn, mean, var, count)
-        if i < len(stages) - 1:
-            out, prologue = y, (scale, shift)
-    ds = block._modules.get("downsample")
-    with torch.no_grad():
-        if ds is None:
-            return bn_act(y, scale, shift, residual=x)
-        yd, mean, var, count = conv_with_stats(x, ds[-2])
-        ds_scale, ds_shift = finalize_batch_norm(ds[-1], mean, var, count)
-        return bn_act(y, scale, shift, residual=yd, residual_scale=ds_scale, residual_shift=ds_shift)
-
-
 # ---------------------------------------------------------------------------------------------
 # Autograd (first version): the fused forward above, a backward in torch ops.
 #
@@ -222,3 +198,9 @@ def block_train(block: nn.Module, x: Tensor) -> Tensor:
     default). Every BN of the block must be in train mode."""
     pairs, ds = _stage_modules(block)
     return _BlockTrainFunction.apply(x, block, *_params(pairs, ds))
+
+
+def block_train_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """block_train without autograd (under no_grad): the training-mode forward alone."""
+    with torch.no_grad():
+        return block_train(block, x)
