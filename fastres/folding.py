@@ -34,18 +34,19 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
     """
     dtype = dtype or conv_weight.dtype
     math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        scale = torch.rsqrt(running_var.to(math) + eps)
-        if bn_weight is not None:
-            scale = scale * bn_weight.to(math)
-        shift = -running_mean.to(math) * scale
-        if bn_bias is not None:
-            shift = shift + bn_bias.to(math)
-        if conv_bias is not None:
-            shift = shift + conv_bias.to(math) * scale
-        weight = (conv_weight.to(math) * scale.view(-1, 1, 1, 1)).to(dtype)
-        if memory_format != torch.preserve_format:
-            weight = weight.contiguous(memory_format=memory_format)
+    # Differentiable: with autograd recording, gradients of the folded weight and bias flow
+    # back to the conv weight and the BN's affine parameters (frozen-BN training).
+    scale = torch.rsqrt(running_var.to(math) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(math)
+    shift = -running_mean.to(math) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(math)
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(math) * scale
+    weight = (conv_weight.to(math) * scale.view(-1, 1, 1, 1)).to(dtype)
+    if memory_format != torch.preserve_format:
+        weight = weight.contiguous(memory_format=memory_format)
     return weight, shift
 
 
@@ -74,6 +75,10 @@ class FoldCache:
         if torch.compiler.is_compiling():
             # Under torch.compile the folding is traced into the graph (inductor fuses it);
             # version counters are not visible to the tracer.
+            return compute()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+            # Autograd is recording through the parameters (frozen-BN training, eval-mode
+            # gradients): fold afresh, differentiably, so gradients reach the conv and BN.
             return compute()
         key = [None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources]
         key.append(extra)

@@ -12,10 +12,11 @@
 
 Which path runs is decided by the BatchNorms' own `training` flags, the single source of truth:
 all BNs in eval -> fused (folded) path; any BN in train mode -> exactly the unfused computation
-(running-stat updates included). Within the fused path, inputs the kernel does not handle fall
-back to the reference computation, documented per case in `fallback_reason`:
-  * autograd is recording and the input or a parameter requires grad (the fused eval kernels
-    have no backward yet; use torch.no_grad()/torch.inference_mode() for inference),
+(running-stat updates included). The fused path is differentiable: with autograd recording, the
+BN is folded afresh (not from the cache) and gradients flow through the fused op's backward to
+the input, the conv weights and the BN's affine parameters - frozen-BN training runs fused.
+Within the fused path, inputs the kernel does not handle fall back to the reference
+computation, documented per case in `fallback_reason`:
   * dtypes other than float32/float16/bfloat16 (e.g. float64),
   * convs the kernel cannot do: groups > 1, padding_mode other than 'zeros', asymmetric 'same'.
 Input that is simply wrong (mismatched dtypes or devices, wrong rank, wrong residual shape)
@@ -90,13 +91,10 @@ def shortcut_unfusable_reason(ds: nn.Module) -> Optional[str]:
     return conv_unfusable_reason(mods[-2]) or bn_unfusable_reason(mods[-1], mods[-2].out_channels)
 
 
-def _fallback_reason(x: Tensor, modules: List[nn.Module]) -> Optional[str]:
+def _fallback_reason(x: Tensor) -> Optional[str]:
     """Why this call cannot take the fused path (None: it can)."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} (the kernel supports float32, float16, bfloat16)"
-    if torch.is_grad_enabled():
-        if x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
-            return "autograd is recording (run inference under torch.no_grad()/inference_mode())"
     return None
 
 
@@ -189,7 +187,7 @@ class FusedConvBNReLU(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn, relu = self[0], self[1], len(self) > 2
-        if bn.training or self.fallback_reason or _fallback_reason(x, [conv, bn]):
+        if bn.training or self.fallback_reason or _fallback_reason(x):
             return super().forward(x)
         x, unbatched = _as_batched(x)
         _check_params_match(x, conv, "0")
@@ -227,7 +225,7 @@ class FusedConv2d(nn.Conv2d):
         bn = self._folded_bn
         if bn.training:
             return super().forward(x)  # the BN module runs next, in train mode
-        if conv_unfusable_reason(self, check_type=False) or _fallback_reason(x, [self, bn]):
+        if conv_unfusable_reason(self, check_type=False) or _fallback_reason(x):
             out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
                                bn.bias, False, 0.0, bn.eps)
             return F.relu(out) if self._fuse_relu else out
@@ -345,7 +343,7 @@ class _FusedBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pairs = self._pairs()
         if any(bn.training for _, bn in pairs) or self._static_reason(pairs) \
-                or _fallback_reason(x, [m for pair in pairs for m in pair]):
+                or _fallback_reason(x):
             return self._unfused_forward(x)
         x, unbatched = _as_batched(x)
         for name, (conv, _) in zip(self._stages + ("downsample",), pairs):

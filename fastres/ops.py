@@ -197,9 +197,45 @@ def execution_plan(x: Tensor) -> Tuple[bool, torch.memory_format]:
     return eager_torch, torch.channels_last if backend == "triton" else torch.preserve_format
 
 
-# The registered op, for torch.compile (one opaque node with a fake implementation) and for
-# autograd (which refuses to backpropagate through it: the fused kernels have no backward yet).
+# The registered op: for torch.compile (one opaque node with a fake implementation) and for
+# autograd (the backward below), so frozen-BN training and eval-mode gradients run fused too.
 _conv_bn_act = torch.library.custom_op("fastres::conv_bn_act", _conv_bn_act_impl, mutates_args=())
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, residual, x2, w2, stride, padding, dilation, stride2, relu, _) = inputs
+    # The output doubles as the ReLU mask (it is the next layer's input anyway, so saving it
+    # costs no extra memory); no pre-activation copy is kept.
+    ctx.save_for_backward(x, weight, x2, w2, output if relu else None)
+    ctx.conv = (list(stride), list(padding), list(dilation), list(stride2))
+    ctx.has = (bias is not None, residual is not None)
+
+
+def _conv_grads(g, x, weight, stride, padding, dilation, needs):
+    """(dL/dx, dL/dweight) of conv2d(x, weight), by aten's convolution_backward (cuDNN on GPUs)."""
+    if not any(needs):
+        return None, None
+    dx, dw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation,
+                                                    False, [0, 0], 1, [needs[0], needs[1], False])
+    return dx, dw
+
+
+def _backward(ctx, grad):
+    x, weight, x2, w2, out = ctx.saved_tensors
+    stride, padding, dilation, stride2 = ctx.conv
+    has_bias, has_residual = ctx.has
+    needs = ctx.needs_input_grad
+    g = grad if out is None else grad * (out > 0)
+    dx, dw = _conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1]))
+    db = g.float().sum((0, 2, 3)) if has_bias and needs[2] else None
+    dres = g if has_residual and needs[3] else None
+    dx2 = dw2 = None
+    if x2 is not None:
+        dx2, dw2 = _conv_grads(g, x2, w2, stride2, [0, 0], [1, 1], (needs[4], needs[5]))
+    return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None
+
+
+_conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
 
 @_conv_bn_act.register_fake

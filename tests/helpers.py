@@ -85,3 +85,32 @@ def to_format(t: torch.Tensor, fmt) -> torch.Tensor:
 
 def is_format(t: torch.Tensor, fmt) -> bool:
     return t.is_contiguous(memory_format=fmt)
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+
+def relative_error(t: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error. Not the max error: a value that lands within rounding of a
+    ReLU's kink can flip that ReLU's mask in any low-precision implementation (eager's
+    included), which moves single gradient elements by O(1) - a discontinuity, not an error."""
+    t, ref = t.detach().double().cpu(), ref.detach().double().cpu()
+    return ((t - ref).norm() / (ref.norm() + 1e-12)).item()
+
+
+def kink_free_grad(out_ref: torch.Tensor, dtype) -> torch.Tensor:
+    """A random upstream gradient that is zero where the float64 output lies within rounding of
+    the final ReLU's kink, so a comparison sees the backward pass itself rather than which side
+    a rounding fell on."""
+    grad = torch.randn_like(out_ref)
+    out = out_ref.detach()
+    grad[out.abs() < 16 * UNIT_ROUNDOFF[dtype] * out.abs().max()] = 0.0
+    return grad
+
+
+def assert_as_accurate_as_eager(cases, dtype):
+    """cases: (name, fastres tensor, eager tensor in the same dtype, float64 reference). Each
+    fastres result must be within 4x eager's relative error, or within 2u."""
+    for what, got, eager_got, want in cases:
+        bound = max(4 * relative_error(eager_got, want), 2 * UNIT_ROUNDOFF[dtype])
+        err = relative_error(got, want)
+        assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {relative_error(eager_got, want):.3g})"

@@ -9,8 +9,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fastres.kernels import conv as conv_kernels
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, conv_reduction,
-                     is_format, randomize_bn, to_format)
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_as_accurate_as_eager, assert_close,
+                     conv_reduction, is_format, kink_free_grad, randomize_bn, to_format)
 
 USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
 
@@ -167,17 +167,35 @@ def test_unbatched_input(device):
     assert_close(out.unsqueeze(0), ref, torch.float32, stage_reductions(m))
 
 
-def test_eval_with_autograd_recording_falls_back_and_differentiates(device):
-    """Grad mode on + parameters requiring grad: the documented reference path, gradients work."""
-    m = randomize_bn(FusedBottleneck(32, 8)).eval().to(device)
-    x = torch.randn(2, 32, 6, 6, device=device, requires_grad=True)
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_frozen_bn_training_runs_fused_and_differentiates(kind, dtype, fmt, device):
+    """BNs in eval mode, autograd recording (frozen-BN fine-tuning, or eval-mode gradients):
+    the fused kernels run, and gradients reach the input, the conv weights and the BN affine
+    parameters as in the unfused block."""
+    block = randomize_bn(make_block(kind, True)).eval()
+    ref = copy.deepcopy(block).double()
+    eager = copy.deepcopy(block).to(device=device, dtype=dtype, memory_format=fmt)
+    block = block.to(device=device, dtype=dtype, memory_format=fmt)
+    x0 = to_format(torch.randn(2, block.conv1.in_channels, 9, 7, device=device).to(dtype), fmt)
+    x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    x_ref = x0.detach().double().cpu().requires_grad_()
+    buffers = [b.clone() for b in block.buffers()]
     before = conv_kernels.launch_count()
-    out = m(x)
-    assert conv_kernels.launch_count() == before  # no fused launch
-    out.sum().backward()
-    assert x.grad is not None and m.conv1.weight.grad is not None
-    with torch.no_grad():
-        assert_close(m(x), out.detach().double(), torch.float32, stage_reductions(m))
+    out = block(x)
+    if USES_KERNELS:
+        assert conv_kernels.launch_count() - before == len(block._stages)  # fused, not fallen back
+    formula = reference.basic_block_reference if kind == "basic" else reference.bottleneck_reference
+    outs = (out, formula(eager, x_eager), formula(ref, x_ref))
+    grad = kink_free_grad(outs[2], dtype)
+    for o, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
+        o.backward(g)
+    cases = [("output", outs[0], outs[1], outs[2]), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
+    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
+              zip(block.named_parameters(), eager.parameters(), ref.parameters())]
+    assert_as_accurate_as_eager(cases, dtype)
+    assert all(torch.equal(b, c) for b, c in zip(block.buffers(), buffers))  # eval: no BN update
 
 
 def test_float64_input_falls_back_to_reference(device):
