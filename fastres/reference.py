@@ -49,3 +49,39 @@ def folded_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def merge_chunk_stats(stats: Tensor, M: int, chunk: int):
+    """(mean, biased var) per channel from per-chunk (mean, M2) partials of `chunk` rows each
+    (the last one shorter), by Chan et al.'s parallel formula: M2 = sum M2_i + sum n_i
+    (mean_i - mean)^2. The oracle for kernels/bn_stats.py."""
+    counts = torch.full((stats.shape[0],), float(chunk), dtype=torch.float64, device=stats.device)
+    counts[-1] = M - chunk * (stats.shape[0] - 1)
+    means, m2 = stats[:, 0].double(), stats[:, 1].double()
+    mean = (counts[:, None] * means).sum(0) / M
+    m2_total = m2.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+    return mean, m2_total / M
+
+
+def batch_norm_train_update(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int):
+    """What nn.BatchNorm2d does in train mode given a batch's (mean, biased var) over `count`
+    values per channel: update num_batches_tracked and the running statistics (momentum, or the
+    cumulative average when momentum is None; unbiased variance; nothing when
+    track_running_stats=False), and return the (scale, shift) that normalise the batch."""
+    with torch.no_grad():
+        if bn.training and bn.track_running_stats:
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:
+                    factor = 1.0 / float(bn.num_batches_tracked)
+            unbiased = var * (count / max(count - 1, 1))
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(scale.dtype)
+        shift = -mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(shift.dtype)
+    return scale, shift

@@ -8,10 +8,10 @@ A training-mode block runs as:
 so every activation is written once in raw form and read once by its consumer, with BN's
 normalisation folded into the consumer's loads.
 
-`finalize_batch_norm` reproduces nn.BatchNorm2d's training-mode bookkeeping exactly:
-num_batches_tracked += 1, running_mean/var updated with momentum (or the cumulative average when
-momentum is None) using the unbiased batch variance, and no running-stat update at all when
-track_running_stats=False (such a BN always normalises with batch statistics).
+The finalize (kernels/bn_stats.py, one launch per BN) reproduces nn.BatchNorm2d's training-mode
+bookkeeping exactly: num_batches_tracked += 1, running_mean/var updated with momentum (or the
+cumulative average when momentum is None) using the unbiased batch variance, and no running-stat
+update at all when track_running_stats=False (such a BN always normalises with batch statistics).
 """
 from __future__ import annotations
 
@@ -22,36 +22,15 @@ from torch import Tensor, nn
 
 from fastres.kernels import conv as conv_kernels
 from fastres.kernels.bn_act import bn_act
+from fastres.kernels.bn_stats import bn_finalize
 from fastres.modules import conv_padding
 from fastres.ops import get_fp32_precision, output_memory_format
 
 
-def finalize_batch_norm(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int
-                        ) -> Tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) that normalise with the batch statistics (mean, biased var of
-    `count` values per channel), and the running-stat update nn.BatchNorm2d makes in train mode."""
-    with torch.no_grad():
-        if bn.training and bn.track_running_stats:
-            factor = 0.0 if bn.momentum is None else bn.momentum
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    factor = 1.0 / float(bn.num_batches_tracked)
-            unbiased = var * (count / max(count - 1, 1))
-            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = -mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.float()
-    return scale.float().contiguous(), shift.float().contiguous()
-
-
-def conv_with_stats(x: Tensor, conv: nn.Conv2d, prologue: Optional[Tuple[Tensor, Tensor]] = None
-                    ) -> Tuple[Tensor, Tensor, Tensor, int]:
-    """Raw conv output (prologue applied to x on load) and its batch (mean, biased var, count)."""
+def conv_with_stats(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                    prologue: Optional[Tuple[Tensor, Tensor]] = None):
+    """Raw conv output (prologue applied to x on load), then the BN finalize on its batch
+    statistics: (y, scale, shift, mean, invstd), running statistics updated. Two launches."""
     weight = conv.weight.contiguous(memory_format=torch.channels_last)
     N, _, H, W = x.shape
     K, _, R, S = weight.shape
@@ -65,8 +44,7 @@ def conv_with_stats(x: Tensor, conv: nn.Conv2d, prologue: Optional[Tuple[Tensor,
     bias = None if conv.bias is None else conv.bias.float()
     conv_kernels.fused_conv2d(x, weight, bias, None, None, None, out, st, pad, dil, (1, 1), False,
                               get_fp32_precision(), prologue=prologue, stats=stats)
-    mean, var = conv_kernels.merge_batch_stats(stats, M)
-    return out, mean, var, M
+    return (out,) + bn_finalize(stats, M, bn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,22 +106,20 @@ class _BlockTrainFunction(torch.autograd.Function):
         pairs, ds = _stage_modules(block)
         ys, stats, affine = [], [], []
         out, prologue = x, None
-        for i, (conv, bn) in enumerate(pairs):
-            y, mean, var, count = conv_with_stats(out, conv, prologue)
-            scale, shift = finalize_batch_norm(bn, mean, var, count)
+        for conv, bn in pairs:
+            y, scale, shift, mean, invstd = conv_with_stats(out, conv, bn, prologue)
             ys.append(y)
-            stats.append((mean, torch.rsqrt(var + bn.eps)))
+            stats.append((mean, invstd))
             affine.append((scale, shift))
             out, prologue = y, (scale, shift)
         if ds is None:
             result = bn_act(ys[-1], *affine[-1], residual=x)
         else:
-            yd, mean, var, count = conv_with_stats(x, ds[0])
-            ds_scale, ds_shift = finalize_batch_norm(ds[1], mean, var, count)
+            yd, ds_scale, ds_shift, mean, invstd = conv_with_stats(x, ds[0], ds[1])
             result = bn_act(ys[-1], *affine[-1], residual=yd, residual_scale=ds_scale,
                             residual_shift=ds_shift)
             ys.append(yd)
-            stats.append((mean, torch.rsqrt(var + ds[1].eps)))
+            stats.append((mean, invstd))
         ctx.block = block
         ctx.save_for_backward(x, result > 0, *ys, *[t for pair in stats for t in pair],
                               *[t for pair in affine for t in pair])

@@ -26,7 +26,7 @@ Compile-time options (one kernel, no near-copies):
                   padding stays zero, as it is zero in the unfused graph after that ReLU
   STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
                   sum of squared deviations (M2) of the output (fp32): batch statistics for a
-                  training-mode BatchNorm, merged stably by fastres.kernels.conv.merge_batch_stats
+                  training-mode BatchNorm, merged stably by kernels/bn_stats.py
 """
 from __future__ import annotations
 
@@ -398,20 +398,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch statistics from the STATS epilogue's partials.
+# Layout of the STATS epilogue's partials (merged by kernels/bn_stats.py).
 
 def stats_chunks(M: int) -> int:
     """Number of STATS_CHUNK-row partials for an output of M = N*P*Q rows."""
     return triton.cdiv(M, STATS_CHUNK)
-
-
-def merge_batch_stats(stats: torch.Tensor, M: int):
-    """(mean, biased var) per channel from the per-chunk (mean, M2) partials, merged with Chan
-    et al.'s parallel formula: M2 = sum M2_i + sum n_i (mean_i - mean)^2. Every term is a
-    deviation from a nearby mean, so large means do not cancel the variance away."""
-    counts = torch.full((stats.shape[0],), float(STATS_CHUNK), device=stats.device)
-    counts[-1] = M - STATS_CHUNK * (stats.shape[0] - 1)
-    means, m2 = stats[:, 0], stats[:, 1]
-    mean = (counts[:, None] * means).sum(0) / M
-    m2_total = m2.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
-    return mean, m2_total / M

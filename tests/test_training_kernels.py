@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.kernels import conv as conv_kernels
+from fastres.reference import merge_chunk_stats
 from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, to_format
 
 # (N, C, H, W, K, R, stride, padding): channel-loop 3x3, flat 7x7 stem-like, 1x1 with several
@@ -60,7 +61,7 @@ def test_stats_epilogue_matches_batch_var_mean(shape, dtype, device):
                               False, "ieee", stats=stats)
     y64 = F.conv2d(x.double(), w.double(), None, 1, 1)
     assert_close(out, y64, dtype, 9 * C)  # the raw conv output is still written
-    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
     ref_mean, ref_var = _stats_reference(y64)
     # The statistics come from the fp32 accumulator, before the output is rounded to dtype.
     torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-4, atol=1e-4)
@@ -78,7 +79,7 @@ def test_stats_are_stable_for_large_means(device):
     stats = torch.empty(conv_kernels.stats_chunks(M), 2, K, device=device)
     conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1), (1, 1),
                               False, "ieee", stats=stats)
-    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
     _, ref_var = _stats_reference(F.conv2d(x.double(), w.double()))
     rel = ((var.double().cpu() - ref_var.cpu()).abs() / ref_var.cpu()).max().item()
     assert rel < 1e-3, rel
@@ -104,7 +105,7 @@ def test_prologue_and_stats_in_one_launch(device):
     act = torch.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
     y64 = F.conv2d(act, w.double(), None, 1, 1)
     assert_close(out, y64, torch.float32, 9 * C)
-    mean, var = conv_kernels.merge_batch_stats(stats, M)
+    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
     ref_mean, ref_var = _stats_reference(y64)
     torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double().cpu(), ref_var.cpu(), rtol=1e-5, atol=1e-6)
@@ -117,3 +118,57 @@ def test_stats_buffer_shape_is_checked(device):
     with pytest.raises(ValueError, match="stats buffer"):
         conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1),
                                   (1, 1), False, "ieee", stats=torch.empty(3, 2, 8, device=device))
+
+
+# ---- the BN finalize kernel --------------------------------------------------------------------
+
+def _chunk_stats(y):
+    """Per-64-row-chunk (mean, M2) of y (M, K) in float64, as the STATS epilogue lays them out."""
+    chunk = conv_kernels.STATS_CHUNK
+    parts = []
+    for i in range(0, y.shape[0], chunk):
+        c = y[i:i + chunk].double()
+        parts.append(torch.stack([c.mean(0), ((c - c.mean(0)) ** 2).sum(0)]))
+    return torch.stack(parts).float()
+
+
+@pytest.mark.parametrize("bn_kwargs", [dict(), dict(momentum=None), dict(track_running_stats=False),
+                                       dict(affine=False, eps=1e-3)],
+                         ids=["momentum", "cumulative", "no_running_stats", "no_affine"])
+def test_bn_finalize_matches_batchnorm_bookkeeping(bn_kwargs, device):
+    import copy
+    from torch import nn
+    from fastres.kernels.bn_stats import bn_finalize
+    from fastres.reference import batch_norm_train_update
+
+    K, M = 70, 1000  # several channel blocks; a short last chunk
+    bn = nn.BatchNorm2d(K, **bn_kwargs).train().to(device)
+    if bn.weight is not None:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    ref_bn = copy.deepcopy(bn).double()
+    for _ in range(2):  # twice: the cumulative average needs a second step to differ
+        y = torch.randn(M, K, device=device) * 3 + 50
+        stats = _chunk_stats(y.cpu()).to(device)
+        scale, shift, mean, invstd = bn_finalize(stats, M, bn)
+        ref_mean, ref_var = merge_chunk_stats(stats.cpu(), M, conv_kernels.STATS_CHUNK)
+        ref_scale, ref_shift = batch_norm_train_update(ref_bn.cpu(), ref_mean, ref_var, M)
+        for got, want in ((scale, ref_scale), (shift, ref_shift), (mean, ref_mean),
+                          (invstd, torch.rsqrt(ref_var + bn.eps))):
+            torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    for (name, b), c in zip(bn.named_buffers(), ref_bn.buffers()):
+        torch.testing.assert_close(b.double().cpu(), c.double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bn_finalize_is_stable_for_large_means(device):
+    from torch import nn
+    from fastres.kernels.bn_stats import bn_finalize
+
+    M, K = 4096, 8
+    y = torch.randn(M, K, dtype=torch.float64) * 0.5 + 3000.0
+    bn = nn.BatchNorm2d(K, affine=False).train().to(device)
+    _, _, _, invstd = bn_finalize(_chunk_stats(y).to(device), M, bn)
+    var = invstd.double().cpu() ** -2 - bn.eps
+    ref = y.var(0, unbiased=False)
+    assert ((var - ref).abs() / ref).max().item() < 1e-3

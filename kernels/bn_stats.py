@@ -1,0 +1,101 @@
+"""Training-mode BatchNorm finalize in one launch: merge the conv epilogue's per-chunk statistics,
+update the running statistics, and produce the scale/shift the next conv's prologue applies.
+
+For each channel (a program per block of channels):
+  mean = sum n_i mean_i / M;  M2 = sum M2_i + sum n_i (mean_i - mean)^2   (Chan et al.; stable)
+  var = M2 / M (biased, normalises the batch); running_var uses M2 / (M - 1) (unbiased)
+  running = (1 - f) running + f batch, with f = momentum, or 1 / num_batches_tracked when
+  momentum is None (the caller has already incremented num_batches_tracked, as nn.BatchNorm2d
+  does, so every program reads the same count)
+  scale = weight / sqrt(var + eps);  shift = bias - mean * scale
+It also writes mean and 1/sqrt(var + eps) for the backward pass.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastres.kernels.conv import INTERPRETED, STATS_CHUNK
+
+BLOCK_C = 64
+BLOCK_CHUNKS = 256 if INTERPRETED else 64
+
+
+@triton.jit
+def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+                       nbt_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, eps, momentum,
+                       CHUNK: tl.constexpr, HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                       CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < K
+    Mf = M.to(tl.float32)
+    # Pass 1: the batch mean, weighted by each chunk's row count (the last chunk may be short).
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, n_chunks, BLOCK_CHUNKS):
+        i = i0 + tl.arange(0, BLOCK_CHUNKS)
+        mask_i = i < n_chunks
+        n_i = tl.minimum(M - i * CHUNK, CHUNK).to(tl.float32)
+        m = mask_i[:, None] & mask_c[None, :]
+        mean_i = tl.load(stats_ptr + i[:, None].to(tl.int64) * (2 * K) + offs_c[None, :], mask=m, other=0.0)
+        total += tl.sum(tl.where(m, n_i[:, None] * mean_i, 0.0), axis=0)
+    mean = total / Mf
+    # Pass 2: M2 around that mean, from each chunk's own M2 and its mean's offset.
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, n_chunks, BLOCK_CHUNKS):
+        i = i0 + tl.arange(0, BLOCK_CHUNKS)
+        mask_i = i < n_chunks
+        n_i = tl.minimum(M - i * CHUNK, CHUNK).to(tl.float32)
+        m = mask_i[:, None] & mask_c[None, :]
+        base = stats_ptr + i[:, None].to(tl.int64) * (2 * K) + offs_c[None, :]
+        mean_i = tl.load(base, mask=m, other=0.0)
+        m2_i = tl.load(base + K, mask=m, other=0.0)
+        d = mean_i - mean[None, :]
+        m2 += tl.sum(tl.where(m, m2_i + n_i[:, None] * d * d, 0.0), axis=0)
+    var = m2 / Mf
+    invstd = 1.0 / tl.sqrt(var + eps)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+        else:
+            factor = momentum
+        unbiased = m2 / tl.maximum(Mf - 1.0, 1.0)
+        rm = tl.load(rmean_ptr + offs_c, mask=mask_c, other=0.0)
+        rv = tl.load(rvar_ptr + offs_c, mask=mask_c, other=0.0)
+        new_rm = (1.0 - factor) * rm.to(tl.float32) + factor * mean
+        new_rv = (1.0 - factor) * rv.to(tl.float32) + factor * unbiased
+        tl.store(rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
+        tl.store(rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
+    scale = invstd
+    shift = -mean * invstd
+    if HAS_AFFINE:
+        w = tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        scale = w * invstd
+        shift = b - mean * scale
+    tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+    tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
+
+
+def bn_finalize(stats: torch.Tensor, M: int, bn) -> tuple:
+    """(scale, shift, mean, invstd), fp32 (K,), from the STATS epilogue's partials, updating
+    bn's running statistics exactly as nn.BatchNorm2d does in train mode."""
+    n_chunks, _, K = stats.shape
+    outs = [torch.empty(K, dtype=torch.float32, device=stats.device) for _ in range(4)]
+    update = bool(bn.training and bn.track_running_stats)
+    cumulative = update and bn.momentum is None
+    if update and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    affine = bn.weight is not None
+    placeholder = outs[0]
+    bn_finalize_kernel[(triton.cdiv(K, BLOCK_C),)](
+        stats, n_chunks, M, K,
+        bn.weight if affine else placeholder, bn.bias if affine else placeholder,
+        bn.running_mean if update else placeholder, bn.running_var if update else placeholder,
+        bn.num_batches_tracked if cumulative else placeholder, *outs,
+        float(bn.eps), float(bn.momentum or 0.0),
+        CHUNK=STATS_CHUNK, HAS_AFFINE=affine, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+        BLOCK_C=BLOCK_C, BLOCK_CHUNKS=BLOCK_CHUNKS)
+    return tuple(outs)
