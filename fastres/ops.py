@@ -211,13 +211,15 @@ def _setup_context(ctx, inputs, output):
     ctx.has = (bias is not None, residual is not None)
 
 
-def _conv_grads(g, x, weight, stride, padding, dilation, needs):
-    """(dL/dx, dL/dweight) of conv2d(x, weight), by aten's convolution_backward (cuDNN on GPUs)."""
+def conv_grads(g, x, weight, stride, padding, dilation, needs, has_bias: bool = False):
+    """(dL/dx, dL/dweight, dL/dbias) of conv2d(x, weight[, bias]) for upstream gradient g, by
+    aten's convolution_backward (cuDNN on GPUs); needs = which of the three to compute."""
+    needs = (needs[0], needs[1], has_bias and needs[2])
     if not any(needs):
-        return None, None
-    dx, dw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation,
-                                                    False, [0, 0], 1, [needs[0], needs[1], False])
-    return dx, dw
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
+        list(dilation), False, [0, 0], 1, list(needs))
 
 
 def _backward(ctx, grad):
@@ -226,12 +228,12 @@ def _backward(ctx, grad):
     has_bias, has_residual = ctx.has
     needs = ctx.needs_input_grad
     g = grad if out is None else grad * (out > 0)
-    dx, dw = _conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1]))
+    dx, dw, _ = conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1], False))
     db = g.float().sum((0, 2, 3)) if has_bias and needs[2] else None
     dres = g if has_residual and needs[3] else None
     dx2 = dw2 = None
     if x2 is not None:
-        dx2, dw2 = _conv_grads(g, x2, w2, stride2, [0, 0], [1, 1], (needs[4], needs[5]))
+        dx2, dw2, _ = conv_grads(g, x2, w2, stride2, [0, 0], [1, 1], (needs[4], needs[5], False))
     return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None
 
 

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from fastres.kernels import conv as conv_kernels
 from fastres.kernels.bn_act import bn_act
 from fastres.kernels.bn_stats import bn_finalize
+from fastres import ops
 from fastres.modules import conv_padding
-from fastres.ops import get_fp32_precision, output_memory_format
+from fastres.ops import get_fp32_precision
 
 
 def conv_with_stats(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
@@ -35,10 +36,9 @@ def conv_with_stats(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     N, _, H, W = x.shape
     K, _, R, S = weight.shape
     pad, st, dil = conv_padding(conv), conv.stride, conv.dilation
-    P = (H + 2 * pad[0] - dil[0] * (R - 1) - 1) // st[0] + 1
-    Q = (W + 2 * pad[1] - dil[1] * (S - 1) - 1) // st[1] + 1
-    out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device,
-                      memory_format=output_memory_format(x))
+    P = ops._output_size(H, R, st[0], pad[0], dil[0])
+    Q = ops._output_size(W, S, st[1], pad[1], dil[1])
+    out = ops._empty_output(x, (N, K, P, Q))
     M = N * P * Q
     stats = torch.empty((conv_kernels.stats_chunks(M), 2, K), dtype=torch.float32, device=x.device)
     bias = None if conv.bias is None else conv.bias.float()
@@ -92,12 +92,9 @@ def _bn_backward(g: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Opt
 
 
 def _conv_backward(dy: Tensor, x: Tensor, conv: nn.Conv2d):
-    """(dL/dx, dL/dweight, dL/dbias) of a conv, by aten's convolution_backward."""
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        dy.to(x.dtype), x, conv.weight, [conv.out_channels] if conv.bias is not None else None,
-        list(conv.stride), list(conv_padding(conv)), list(conv.dilation), False, [0, 0], 1,
-        [True, True, conv.bias is not None])
-    return dx, dw, db
+    """(dL/dx, dL/dweight, dL/dbias) of one of the block's convs."""
+    return ops.conv_grads(dy.to(x.dtype), x, conv.weight, conv.stride, conv_padding(conv),
+                          conv.dilation, (True, True, True), has_bias=conv.bias is not None)
 
 
 class _BlockTrainFunction(torch.autograd.Function):

@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fastres
 
@@ -114,3 +115,15 @@ def assert_as_accurate_as_eager(cases, dtype):
         bound = max(4 * relative_error(eager_got, want), 2 * UNIT_ROUNDOFF[dtype])
         err = relative_error(got, want)
         assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {relative_error(eager_got, want):.3g})"
+
+
+def torchvision_block(kind: str, downsample: bool, **bn_kwargs) -> nn.Module:
+    """A small torchvision BasicBlock ("basic") or Bottleneck, stride 2 with a downsample or
+    stride 1 without; bn_kwargs go to every BatchNorm2d."""
+    def norm(c):
+        return nn.BatchNorm2d(c, **bn_kwargs)
+    if kind == "basic":
+        ds = nn.Sequential(nn.Conv2d(12, 20, 1, 2, bias=False), norm(20)) if downsample else None
+        return BasicBlock(12 if downsample else 20, 20, 2 if downsample else 1, ds, norm_layer=norm)
+    ds = nn.Sequential(nn.Conv2d(24, 48, 1, 2, bias=False), norm(48)) if downsample else None
+    return Bottleneck(24 if downsample else 48, 12, 2 if downsample else 1, ds, norm_layer=norm)

@@ -6,19 +6,11 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 from fastres.training import block_train
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager,
-                     kink_free_grad, randomize_bn, to_format)
-
-
-def _block(kind, downsample):
-    if kind == "basic":
-        ds = nn.Sequential(nn.Conv2d(12, 20, 1, 2, bias=False), nn.BatchNorm2d(20)) if downsample else None
-        return BasicBlock(12 if downsample else 20, 20, 2 if downsample else 1, ds)
-    ds = nn.Sequential(nn.Conv2d(24, 48, 1, 2, bias=False), nn.BatchNorm2d(48)) if downsample else None
-    return Bottleneck(24 if downsample else 48, 12, 2 if downsample else 1, ds)
+                     kink_free_grad, randomize_bn, to_format, torchvision_block)
 
 
 def _assert_close_scaled(got, want, tol, what):
@@ -38,7 +30,7 @@ def test_forward_backward_and_running_stats_match_unfused(kind, downsample, dtyp
     """Against float64, fastres must be as accurate as PyTorch's own eager block in the same
     dtype: relative error within 4x eager's, or within 2u. (In bf16 both are several percent
     off on these small batches: BN's backward subtracts per-channel means of rounded values.)"""
-    block = randomize_bn(_block(kind, downsample)).train()
+    block = randomize_bn(torchvision_block(kind, downsample)).train()
     ref = copy.deepcopy(block).double()
     eager = copy.deepcopy(block).to(device=device, dtype=dtype, memory_format=fmt)
     block = block.to(device=device, dtype=dtype, memory_format=fmt)
@@ -58,7 +50,7 @@ def test_forward_backward_and_running_stats_match_unfused(kind, downsample, dtyp
 
 
 def test_gradient_accumulation(device):
-    block = randomize_bn(_block("bottleneck", True)).train().to(device)
+    block = randomize_bn(torchvision_block("bottleneck", True)).train().to(device)
     ref = copy.deepcopy(block)
     xs = [torch.randn(2, 24, 8, 8, device=device) for _ in range(2)]
     for x in xs:

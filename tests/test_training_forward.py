@@ -4,22 +4,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastres import reference
 from fastres.kernels.bn_act import bn_act
 from fastres.training import block_train_forward
-from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, randomize_bn, to_format
-
-
-def _block(kind, downsample, **bn_kwargs):
-    norm = lambda c: nn.BatchNorm2d(c, **bn_kwargs)  # noqa: E731
-    if kind == "basic":
-        ds = nn.Sequential(nn.Conv2d(12, 20, 1, 2, bias=False), norm(20)) if downsample else None
-        return BasicBlock(12 if downsample else 20, 20, 2 if downsample else 1, ds, norm_layer=norm)
-    ds = nn.Sequential(nn.Conv2d(24, 48, 1, 2, bias=False), norm(48)) if downsample else None
-    return Bottleneck(24 if downsample else 48, 12, 2 if downsample else 1, ds, norm_layer=norm)
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, randomize_bn, to_format,
+                     torchvision_block)
 
 
 def _formula(kind):
@@ -40,7 +30,7 @@ def _check_stats(block, ref_block, dtype):
 @pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_train_forward_matches_unfused(kind, downsample, dtype, fmt, device):
-    block = randomize_bn(_block(kind, downsample)).train()
+    block = randomize_bn(torchvision_block(kind, downsample)).train()
     ref_block = copy.deepcopy(block).double()
     block = block.to(device=device, dtype=dtype, memory_format=fmt)
     x = to_format(torch.randn(4, block.conv1.in_channels, 9, 7, device=device).to(dtype), fmt)
@@ -56,7 +46,7 @@ def test_train_forward_matches_unfused(kind, downsample, dtype, fmt, device):
 
 
 def test_cumulative_average_momentum_none_over_two_batches(device):
-    block = randomize_bn(_block("bottleneck", True, momentum=None)).train()
+    block = randomize_bn(torchvision_block("bottleneck", True, momentum=None)).train()
     ref_block = copy.deepcopy(block).double()
     block = block.to(device)
     with torch.no_grad():
@@ -69,7 +59,7 @@ def test_cumulative_average_momentum_none_over_two_batches(device):
 
 
 def test_no_running_stats_normalises_with_batch_stats(device):
-    block = _block("basic", True, track_running_stats=False).train()
+    block = torchvision_block("basic", True, track_running_stats=False).train()
     ref_block = copy.deepcopy(block).double()
     block = block.to(device)
     x = torch.randn(3, 12, 8, 8, device=device)
