@@ -51,9 +51,10 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
 
 
 def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                 memory_format: torch.memory_format = torch.channels_last) -> Tuple[Tensor, Tensor]:
+                 memory_format: torch.memory_format = torch.channels_last,
+                 dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     return fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                        bn.running_var, bn.eps, memory_format=memory_format)
+                        bn.running_var, bn.eps, dtype=dtype, memory_format=memory_format)
 
 
 class FoldCache:

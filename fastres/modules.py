@@ -1,4 +1,4 @@
-"""Drop-in modules that run fused kernels in eval mode.
+"""Drop-in modules that run fused kernels.
 
 * FusedConvBNReLU: an nn.Sequential(conv, bn[, relu]) whose state_dict keys (0.*, 1.*) match
   torchvision's Conv2dNormActivation and any user Sequential(conv, bn, relu).
@@ -11,10 +11,17 @@
   is unchanged and fastres.restore() can hand the originals back in sync.
 
 Which path runs is decided by the BatchNorms' own `training` flags, the single source of truth:
-all BNs in eval -> fused (folded) path; any BN in train mode -> exactly the unfused computation
-(running-stat updates included). The fused path is differentiable: with autograd recording, the
-BN is folded afresh (not from the cache) and gradients flow through the fused op's backward to
-the input, the conv weights and the BN's affine parameters - frozen-BN training runs fused.
+* all BNs in eval -> the folded path. It is differentiable: with autograd recording, the BN is
+  folded afresh (not from the cache) and gradients flow through the fused op's backward to the
+  input, the conv weights and the BN's affine parameters - frozen-BN training runs fused.
+* all of a block's BNs in train mode -> fastres::block_train (fastres.training): batch
+  statistics in the conv epilogues, BN + ReLU in the next conv's prologue, fused BN backward;
+  running statistics updated exactly as nn.BatchNorm2d does. Where the kernels do not run (CPU
+  without TRITON_INTERPRET), the block runs its unfused computation.
+* a mix of train and eval BNs in one block, and FusedConvBNReLU / FusedConv2d with a BN in
+  train mode -> exactly the unfused computation (running-stat updates included).
+Under autocast, inputs and conv weights are cast to the autocast dtype as eager convolutions
+cast them; BN parameters and running statistics stay in their own dtype.
 Within the fused path, inputs the kernel does not handle fall back to the reference
 computation, documented per case in `fallback_reason`:
   * dtypes other than float32/float16/bfloat16 (e.g. float64),
@@ -32,7 +39,8 @@ from torch import Tensor, nn
 
 from fastres import reference
 from fastres.folding import FoldCache, conv_bn_sources, fold_modules
-from fastres.ops import SUPPORTED_DTYPES, conv_bn_act, execution_plan, torch_conv_bn_act
+from fastres.ops import (SUPPORTED_DTYPES, backend_for, conv_bn_act, execution_plan,
+                         torch_conv_bn_act)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +86,17 @@ def bn_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
     return None
 
 
-def shortcut_unfusable_reason(ds: nn.Module) -> Optional[str]:
+def bn_train_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
+    """Why a BN cannot run in the fused training path (which, unlike folding, needs no running
+    statistics: without them it normalises with the batch's and updates nothing)."""
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if bn.num_features != channels:
+        return f"BatchNorm2d has {bn.num_features} features, the conv has {channels} outputs"
+    return None
+
+
+def shortcut_unfusable_reason(ds: nn.Module, bn_reason=bn_unfusable_reason) -> Optional[str]:
     """None when a block's downsample is nn.Sequential([nn.Identity, ...,] 1x1 conv, BN) - the
     leading identities are timm's stride-1 "avg-pool" shortcut - so that its last two modules
     are the conv and BN the kernel reduces as its second GEMM."""
@@ -88,7 +106,7 @@ def shortcut_unfusable_reason(ds: nn.Module) -> Optional[str]:
             or conv_padding(mods[-2]) != (0, 0) or mods[-2].dilation != (1, 1)):
         names = " + ".join(type(m).__name__ for m in mods) if mods else type(ds).__name__
         return f"shortcut is {names}, not a 1x1 conv + BatchNorm2d"
-    return conv_unfusable_reason(mods[-2]) or bn_unfusable_reason(mods[-1], mods[-2].out_channels)
+    return conv_unfusable_reason(mods[-2]) or bn_reason(mods[-1], mods[-2].out_channels)
 
 
 def _fallback_reason(x: Tensor) -> Optional[str]:
@@ -122,16 +140,36 @@ def _fused_conv_bn(x: Tensor, conv: nn.Conv2d, folded: Tuple[Tensor, Tensor], re
                        dilation=conv.dilation, residual=residual, shortcut=shortcut, relu=relu)
 
 
-def _check_params_match(x: Tensor, conv: nn.Conv2d, name: str) -> None:
-    w = conv.weight
-    if w.dtype != x.dtype:
-        raise TypeError(f"fastres: input dtype {x.dtype} does not match {name}.weight dtype {w.dtype}")
-    if w.device != x.device:
-        raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype eager convolutions would compute x in under an active autocast (None: no
+    autocast for x's device, or x is float64, which autocast leaves alone)."""
+    if (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+            and x.dtype != torch.float64):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
-def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format):
-    return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt), lambda: fold_modules(conv, bn, fmt))
+def _prepare_input(x: Tensor, named_convs) -> Tuple[Tensor, bool]:
+    """(x batched, and cast to the autocast dtype when autocast is on; was it unbatched).
+    Checks that the convs' weights are on x's device and, without autocast, of x's dtype (under
+    autocast the weights are cast, as eager convolutions cast them)."""
+    x, unbatched = _as_batched(x)
+    cast = autocast_dtype(x)
+    if cast is not None:
+        x = x.to(cast)
+    for name, conv in named_convs:
+        w = conv.weight
+        if cast is None and w.dtype != x.dtype:
+            raise TypeError(f"fastres: input dtype {x.dtype} does not match {name}.weight dtype {w.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
+    return x, unbatched
+
+
+def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format,
+          dtype: torch.dtype):
+    return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt, dtype),
+                     lambda: fold_modules(conv, bn, fmt, dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +227,10 @@ class FusedConvBNReLU(nn.Sequential):
         conv, bn, relu = self[0], self[1], len(self) > 2
         if bn.training or self.fallback_reason or _fallback_reason(x):
             return super().forward(x)
-        x, unbatched = _as_batched(x)
-        _check_params_match(x, conv, "0")
+        x, unbatched = _prepare_input(x, [("0", conv)])
         eager_torch, fmt = execution_plan(x)
-        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, fmt), relu, eager_torch)
+        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, fmt, x.dtype), relu,
+                             eager_torch)
         return out.squeeze(0) if unbatched else out
 
 
@@ -229,10 +267,9 @@ class FusedConv2d(nn.Conv2d):
             out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
                                bn.bias, False, 0.0, bn.eps)
             return F.relu(out) if self._fuse_relu else out
-        x, unbatched = _as_batched(x)
-        _check_params_match(x, self, "conv")
+        x, unbatched = _prepare_input(x, [("conv", self)])
         eager_torch, fmt = execution_plan(x)
-        folded = _fold(self._fold_cache, self, bn, fmt)
+        folded = _fold(self._fold_cache, self, bn, fmt, x.dtype)
         out = _fused_conv_bn(x, self, folded, self._fuse_relu, eager_torch)
         return out.squeeze(0) if unbatched else out
 
@@ -340,40 +377,77 @@ class _FusedBlock(nn.Module):
             return self._original(x)
         return type(self)._reference(self, x)
 
+    def _train_reason(self, pairs) -> Optional[str]:
+        """Why a train-mode forward runs the unfused block (None: it runs fastres::block_train)."""
+        ds = self._modules.get("downsample")
+        if ds is not None:
+            reason = shortcut_unfusable_reason(ds, bn_train_unfusable_reason)
+            if reason:
+                return reason
+        for conv, bn in pairs:
+            reason = conv_unfusable_reason(conv) or bn_train_unfusable_reason(bn, conv.out_channels)
+            if reason:
+                return reason
+        if self._original is not None:
+            # A wrapped block's other children act in train mode too (timm's drop-path, drop-block,
+            # anti-aliasing...): only ReLUs and identities are known to match the fused block.
+            known = set(self._stages) | {"bn" + n[-1] for n in self._stages} | {"downsample"}
+            for name, child in self._modules.items():
+                if name not in known and child is not None and type(child) not in (nn.ReLU, nn.Identity):
+                    return f"child {name!r} ({type(child).__name__}) may act differently in training"
+        return self.__dict__.get("_train_probe_reason")  # set by fastres.optimize()'s probe
+
+    @property
+    def train_fallback_reason(self) -> Optional[str]:
+        """Why the train-mode forward runs the unfused block whatever the input (None: fused)."""
+        return self._train_reason(self._pairs())
+
     def forward(self, x: Tensor) -> Tensor:
         pairs = self._pairs()
-        if any(bn.training for _, bn in pairs) or self._static_reason(pairs) \
-                or _fallback_reason(x):
+        training = [bn.training for _, bn in pairs]
+        if any(training):
+            # Train mode: the fused training op when every BN is in train mode (a mix of frozen
+            # and training BNs runs unfused) and the kernels run on x's device.
+            if (not all(training) or self._train_reason(pairs) or _fallback_reason(x)
+                    or backend_for(x) != "triton"):
+                return self._unfused_forward(x)
+            x, unbatched = _prepare_input(x, [(name, conv) for name, (conv, _) in
+                                              zip(self._stages + ("downsample",), pairs)])
+            from fastres.training import block_train  # training imports this module
+            out = block_train(self, x)
+            return out.squeeze(0) if unbatched else out
+        if self._static_reason(pairs) or _fallback_reason(x):
             return self._unfused_forward(x)
-        x, unbatched = _as_batched(x)
-        for name, (conv, _) in zip(self._stages + ("downsample",), pairs):
-            _check_params_match(x, conv, name)
+        x, unbatched = _prepare_input(x, [(name, conv) for name, (conv, _) in
+                                              zip(self._stages + ("downsample",), pairs)])
         eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
+        dtype = x.dtype
         caches = self._fold_caches
         n = len(self._stages)
         out = x
         # Every stage but the last: conv + folded BN + ReLU.
         for name, (conv, bn) in zip(self._stages[:-1], pairs[:n - 1]):
-            out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt), True, eager_torch)
+            out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt, dtype), True,
+                                 eager_torch)
         # Last stage: conv + folded BN + shortcut + ReLU in one launch.
         last, last_bn = pairs[n - 1]
         if len(pairs) == n:
-            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt), True,
+            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt, dtype), True,
                                  eager_torch, residual=x)
         else:
             ds_conv, ds_bn = pairs[n]
             w, w2, bias = caches["last"].get(
                 conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
-                (last_bn.eps, ds_bn.eps, fmt),
-                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt))
+                (last_bn.eps, ds_bn.eps, fmt, dtype),
+                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt, dtype))
             out = _fused_conv_bn(out, last, (w, None), True, eager_torch,
                                  shortcut=(x, w2, ds_conv.stride), bias=bias)
         return out.squeeze(0) if unbatched else out
 
     @staticmethod
-    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn, fmt):
-        w, b = fold_modules(conv, bn, fmt)
-        w2, b2 = fold_modules(ds_conv, ds_bn, fmt)
+    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn, fmt, dtype):
+        w, b = fold_modules(conv, bn, fmt, dtype)
+        w2, b2 = fold_modules(ds_conv, ds_bn, fmt, dtype)
         return w, w2, b + b2
 
 

@@ -1,176 +1,374 @@
-"""Training-mode fusion (issue 4, in progress: not yet the fused modules' train-mode default).
+"""Training-mode fusion: a ResNet block with batch-statistics BatchNorm as one registered op.
 
-A training-mode block runs as:
-  conv1 (raw output + batch statistics)  ->  BN1 finalize (scale/shift, running stats updated)
-  conv2 (BN1 + ReLU applied as it loads) ->  ...  -> last conv (raw + statistics)
+Forward, per block (Triton on CUDA or under the interpreter):
+  conv1 (raw output + per-chunk batch statistics)  ->  BN1 finalize (scale/shift, new running stats)
+  conv2 (BN1 + ReLU applied as it loads its input) ->  ...  -> last conv (raw + statistics)
   [downsample conv (raw + statistics)]
   one elementwise pass: relu(BN_last(y) + BN_ds(y_ds) | x)
-so every activation is written once in raw form and read once by its consumer, with BN's
-normalisation folded into the consumer's loads.
+Every activation is written once, raw, and read once by its consumer, with BN's normalisation
+folded into the consumer's loads. The finalize (kernels/bn_stats.py) reproduces nn.BatchNorm2d's
+bookkeeping exactly: momentum or the cumulative average (momentum=None), the unbiased running
+variance, no update at all with track_running_stats=False.
 
-The finalize (kernels/bn_stats.py, one launch per BN) reproduces nn.BatchNorm2d's training-mode
-bookkeeping exactly: num_batches_tracked += 1, running_mean/var updated with momentum (or the
-cumulative average when momentum is None) using the unbiased batch variance, and no running-stat
-update at all when track_running_stats=False (such a BN always normalises with batch statistics).
+Backward (kernels/bn_backward.py for BN + ReLU, three launches per BN or per BN pair; aten's
+convolution_backward, i.e. cuDNN, for the conv data and weight gradients). Saved for backward:
+the block's input and output (the output doubles as the final ReLU's mask, and is the next
+block's input anyway), each conv's raw output and each BN's batch mean/invstd/scale/shift; the
+post-BN activations between stages are recomputed with one elementwise pass each, not stored.
+
+`fastres::block_train` is a torch.library.custom_op with a fake implementation and a registered
+autograd formula, so the fused training block also runs under torch.compile. Custom ops must be
+functional to be differentiable: the op returns the new running statistics and block_train()
+copies them into the BN buffers (one foreach launch per block), after incrementing
+num_batches_tracked (one more), exactly as nn.BatchNorm2d does.
+
+Float64 and CPU tensors without the interpreter run the op's torch implementation: the same
+graph in plain torch ops with the same backward formula (this is what gradcheck checks).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastres import ops
 from fastres.kernels import conv as conv_kernels
 from fastres.kernels.bn_act import bn_act
+from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
+                                         bn_relu_backward)
 from fastres.kernels.bn_stats import bn_finalize
-from fastres import ops
 from fastres.modules import conv_padding
-from fastres.ops import get_fp32_precision
 
-
-def conv_with_stats(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                    prologue: Optional[Tuple[Tensor, Tensor]] = None):
-    """Raw conv output (prologue applied to x on load), then the BN finalize on its batch
-    statistics: (y, scale, shift, mean, invstd), running statistics updated. Two launches."""
-    weight = conv.weight.contiguous(memory_format=torch.channels_last)
-    N, _, H, W = x.shape
-    K, _, R, S = weight.shape
-    pad, st, dil = conv_padding(conv), conv.stride, conv.dilation
-    P = ops._output_size(H, R, st[0], pad[0], dil[0])
-    Q = ops._output_size(W, S, st[1], pad[1], dil[1])
-    out = ops._empty_output(x, (N, K, P, Q))
-    M = N * P * Q
-    stats = torch.empty((conv_kernels.stats_chunks(M), 2, K), dtype=torch.float32, device=x.device)
-    bias = None if conv.bias is None else conv.bias.float()
-    conv_kernels.fused_conv2d(x, weight, bias, None, None, None, out, st, pad, dil, (1, 1), False,
-                              get_fp32_precision(), prologue=prologue, stats=stats)
-    return (out,) + bn_finalize(stats, M, bn)
+GEOMETRY_INTS = 6  # per conv: stride (2), padding (2), dilation (2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd (first version): the fused forward above, a backward in torch ops.
-#
-# Saved for backward: the block input, each conv's raw output, the per-channel batch mean and
-# inverse std of each BN, and the final ReLU's mask (bool) - not the post-BN activations, which
-# the backward recomputes elementwise from the raw outputs. Conv input/weight gradients use
-# aten.convolution_backward (cuDNN on a GPU); the BN backward reductions are torch reductions for
-# now (fusing them into one pass is the next step).
+# Which modules make up a block
 
-def _stage_modules(block: nn.Module):
-    stages = ["conv1", "conv2"] + (["conv3"] if "conv3" in block._modules else [])
-    pairs = [(block._modules[n], block._modules["bn" + n[-1]]) for n in stages]
-    ds = block._modules.get("downsample")
+def stage_modules(block: nn.Module):
+    """([(conv, bn) per stage], (conv, bn) of the downsample or None) of a torchvision-style
+    block: children conv1/bn1, conv2/bn2[, conv3/bn3], downsample = Sequential(..., conv, bn)."""
+    mods = block._modules
+    stages = ["conv1", "conv2"] + (["conv3"] if "conv3" in mods else [])
+    pairs = [(mods[n], mods["bn" + n[-1]]) for n in stages]
+    ds = mods.get("downsample")
     return pairs, ((ds[-2], ds[-1]) if ds is not None else None)
 
 
-def _params(pairs, ds):
-    """The tensors autograd differentiates with respect to, in a fixed order."""
-    out = []
-    for conv, bn in pairs + ([ds] if ds else []):
-        out += [conv.weight, conv.bias, bn.weight, bn.bias]
-    return out
+def _geometry(conv: nn.Conv2d) -> List[int]:
+    return list(conv.stride) + list(conv_padding(conv)) + list(conv.dilation)
+
+
+def _unpack_geometry(geometry: Sequence[int], i: int):
+    g = geometry[GEOMETRY_INTS * i:GEOMETRY_INTS * (i + 1)]
+    return list(g[0:2]), list(g[2:4]), list(g[4:6])
 
 
 def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _bn_relu(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """The post-BN+ReLU activation the next conv read, recomputed (rounded as stored)."""
-    return torch.relu(y.float() * _channel(scale) + _channel(shift)).to(y.dtype)
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _bn_backward(g: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor]):
-    """Gradients of BN in training mode (batch statistics): (dL/dy, dL/dgamma, dL/dbeta)."""
+def _uses_kernels(x: Tensor) -> bool:
+    return x.dtype in ops.SUPPORTED_DTYPES and ops.backend_for(x) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's forward
+
+def _conv_out_shape(x_shape, w_shape, geometry, i):
+    stride, padding, dilation = _unpack_geometry(geometry, i)
+    N, _, H, W = x_shape
+    K, _, R, S = w_shape
+    return (N, K, ops._output_size(H, R, stride[0], padding[0], dilation[0]),
+            ops._output_size(W, S, stride[1], padding[1], dilation[1]))
+
+
+def _conv_with_stats_kernel(x, weight, bias, geometry, i, bn_args, fp32_precision, prologue=None):
+    """Raw conv output (prologue applied to x on load) and the BN finalize on its batch
+    statistics: (y, scale, shift, mean, invstd, new_running_mean, new_running_var). Two launches."""
+    stride, padding, dilation = _unpack_geometry(geometry, i)
+    shape = _conv_out_shape(x.shape, weight.shape, geometry, i)
+    out = ops._empty_output(x, shape)
+    M = shape[0] * shape[2] * shape[3]
+    stats = torch.empty((conv_kernels.stats_chunks(M), 2, shape[1]), dtype=torch.float32,
+                        device=x.device)
+    conv_kernels.fused_conv2d(x, weight.contiguous(memory_format=torch.channels_last),
+                              None if bias is None else bias.float(), None, None, None, out,
+                              stride, padding, dilation, (1, 1), False, fp32_precision,
+                              prologue=prologue, stats=stats)
+    return (out,) + bn_finalize(stats, M, *bn_args)
+
+
+def _conv_with_stats_torch(x, weight, bias, geometry, i, bn_args):
+    """The same as _conv_with_stats_kernel in torch ops (float64, and CPU without the
+    interpreter)."""
+    stride, padding, dilation = _unpack_geometry(geometry, i)
+    gamma, beta, running_mean, running_var, batches_tracked, eps, momentum = bn_args
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    y = y.contiguous(memory_format=ops.output_memory_format(x))
+    acc = _stat_dtype(x)
+    var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd.clone() if gamma is None else invstd * gamma.to(acc)  # outputs never alias
+    shift = -mean * scale if beta is None else beta.to(acc) - mean * scale
+    new_rm = new_rv = None
+    if running_mean is not None:
+        count = y.numel() // y.shape[1]
+        factor = 1.0 / batches_tracked.to(acc) if momentum is None else momentum
+        unbiased = var * (count / max(count - 1, 1))
+        new_rm = ((1 - factor) * running_mean.to(acc) + factor * mean).to(running_mean.dtype)
+        new_rv = ((1 - factor) * running_var.to(acc) + factor * unbiased).to(running_var.dtype)
+    return y, scale, shift, mean, invstd, new_rm, new_rv
+
+
+def _bn_relu_torch(y, scale, shift, residual=None, relu=True):
+    v = y.to(scale.dtype) * _channel(scale) + _channel(shift)
+    if residual is not None:
+        v = v + residual
+    return (torch.relu(v) if relu else v).to(y.dtype)
+
+
+def _optional(tensors: List[Tensor]) -> List[Optional[Tensor]]:
+    """The op's tensor lists mark a missing tensor (no conv bias, no BN affine, no running
+    statistics) by an empty one: custom-op autograd only maps gradients onto lists that hold
+    tensors throughout."""
+    return [None if t.numel() == 0 else t for t in tensors]
+
+
+def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor],
+                      bn_weights: List[Tensor], bn_biases: List[Tensor],
+                      running_means: List[Tensor], running_vars: List[Tensor],
+                      batches_tracked: List[Tensor], geometry: List[int],
+                      eps: List[float], momentum: List[float], cumulative: List[bool],
+                      has_downsample: bool, fp32_precision: str) -> List[Tensor]:
+    """Returns [out, then per BN (stages in order, then the downsample's): raw conv outputs,
+    batch means, invstds, scales, shifts, new running means, new running vars] (the last two
+    empty for BNs without running statistics). Missing tensors are passed as empty ones."""
+    conv_biases, bn_weights, bn_biases, running_means, running_vars, batches_tracked = map(
+        _optional, (conv_biases, bn_weights, bn_biases, running_means, running_vars,
+                    batches_tracked))
+    n_bn = len(weights)
+    n = n_bn - int(has_downsample)
+    kernels = _uses_kernels(x)
+
+    def stage(inp, i, prologue=None):
+        bn_args = (bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
+                   batches_tracked[i], eps[i], None if cumulative[i] else momentum[i])
+        if kernels:
+            return _conv_with_stats_kernel(inp, weights[i], conv_biases[i], geometry, i, bn_args,
+                                           fp32_precision, prologue)
+        return _conv_with_stats_torch(inp, weights[i], conv_biases[i], geometry, i, bn_args)
+
+    results = []
+    h, prologue = x, None
+    for i in range(n):
+        r = stage(h, i, prologue)
+        results.append(r)
+        y, scale, shift = r[:3]
+        if kernels:
+            h, prologue = y, (scale, shift)  # the next conv applies BN + ReLU as it loads y
+        else:
+            h = _bn_relu_torch(y, scale, shift)
+    y, scale, shift = results[-1][:3]
+    if has_downsample:
+        rd = stage(x, n)
+        results.append(rd)
+        if kernels:
+            out = bn_act(y, scale, shift, residual=rd[0], residual_scale=rd[1], residual_shift=rd[2])
+        else:
+            shortcut = rd[0].to(rd[1].dtype) * _channel(rd[1]) + _channel(rd[2])
+            out = _bn_relu_torch(y, scale, shift, residual=shortcut)
+    else:
+        out = bn_act(y, scale, shift, residual=x) if kernels else \
+            _bn_relu_torch(y, scale, shift, residual=x.to(scale.dtype))
+    # (Outputs of a custom op may not alias each other: one fresh empty tensor per missing one.)
+    columns = [[r[0] for r in results], [r[3] for r in results], [r[4] for r in results],
+               [r[1] for r in results], [r[2] for r in results],
+               [x.new_empty(0) if r[5] is None else r[5] for r in results],
+               [x.new_empty(0) if r[6] is None else r[6] for r in results]]
+    return [out] + [t for col in columns for t in col]
+
+
+_block_train_op = torch.library.custom_op("fastres::block_train", _block_train_impl,
+                                          mutates_args=())
+
+
+@_block_train_op.register_fake
+def _block_train_fake(x, weights, conv_biases, bn_weights, bn_biases, running_means,
+                      running_vars, batches_tracked, geometry, eps, momentum, cumulative,
+                      has_downsample, fp32_precision):
+    n_bn = len(weights)
+    n = n_bn - int(has_downsample)
+    ys, shape = [], tuple(x.shape)
+    for i in range(n):
+        shape = _conv_out_shape(shape, weights[i].shape, geometry, i)
+        ys.append(ops._empty_output(x, shape))
+    if has_downsample:
+        ys.append(ops._empty_output(x, _conv_out_shape(x.shape, weights[n].shape, geometry, n)))
+    acc = _stat_dtype(x)
+    per_channel = lambda: [x.new_empty(w.shape[0], dtype=acc) for w in weights]  # noqa: E731
+    new_running = [[torch.empty_like(rm) for rm in running]
+                   for running in (running_means, running_vars)]
+    return ([ops._empty_output(x, ys[n - 1].shape)] + ys + per_channel() + per_channel()
+            + per_channel() + per_channel() + new_running[0] + new_running[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's backward
+
+def _bn_relu_grads_torch(grad, bn: BNGradInput, mask, mask_output=None, affine=None,
+                         second: Optional[BNGradInput] = None, write_g=False):
+    """bn_relu_backward's contract in torch ops (float64 and CPU without the interpreter)."""
+    acc = bn.mean.dtype
+    g = grad.to(acc)
+    if mask == MASK_FROM_OUTPUT:
+        g = g * (mask_output > 0)
+    elif mask == MASK_FROM_AFFINE:
+        g = g * ((bn.y.to(acc) * _channel(affine[0]) + _channel(affine[1])) > 0)
     count = g.numel() // g.shape[1]
-    xhat = (y.float() - _channel(mean)) * _channel(invstd)
     dbeta = g.sum((0, 2, 3))
-    dgamma = (g * xhat).sum((0, 2, 3))
-    gamma = weight.float() if weight is not None else torch.ones_like(invstd)
-    dy = _channel(gamma * invstd) * (g - _channel(dbeta / count) - xhat * _channel(dgamma / count))
-    return dy, dgamma, dbeta
+
+    def one(b: BNGradInput):
+        xhat = (b.y.to(acc) - _channel(b.mean)) * _channel(b.invstd)
+        dgamma = (g * xhat).sum((0, 2, 3))
+        a = b.invstd if b.gamma is None else b.gamma.to(acc) * b.invstd
+        dy = _channel(a) * (g - _channel(dbeta / count) - xhat * _channel(dgamma / count))
+        return dy.to(b.y.dtype), dgamma
+
+    dy, dgamma = one(bn)
+    dy2, dgamma2 = one(second) if second is not None else (None, None)
+    return (dy, dgamma, dbeta, dy2, dgamma2, dbeta if second is not None else None,
+            g.to(bn.y.dtype) if write_g else None)
 
 
-def _conv_backward(dy: Tensor, x: Tensor, conv: nn.Conv2d):
-    """(dL/dx, dL/dweight, dL/dbias) of one of the block's convs."""
-    return ops.conv_grads(dy.to(x.dtype), x, conv.weight, conv.stride, conv_padding(conv),
-                          conv.dilation, (True, True, True), has_bias=conv.bias is not None)
+def _setup_context(ctx, inputs, output):
+    (x, weights, conv_biases, bn_weights, _, _, _, _, geometry, _, _, _, has_downsample, _) = inputs
+    n_bn = len(weights)
+    ctx.n_bn, ctx.has_downsample, ctx.geometry = n_bn, has_downsample, list(geometry)
+    ctx.has_conv_bias = [b.numel() > 0 for b in conv_biases]
+    ctx.has_gamma = [w.numel() > 0 for w in bn_weights]
+    ctx.needs_x = ctx.needs_input_grad[0]
+    # output[0] is the block output: the final ReLU's mask, and the next block's input anyway.
+    saved = [x, output[0]] + list(weights) + [w for w in bn_weights if w.numel() > 0]
+    saved += list(output[1:1 + 5 * n_bn])  # ys, means, invstds, scales, shifts
+    ctx.save_for_backward(*saved)
 
 
-class _BlockTrainFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, block, *params):
-        pairs, ds = _stage_modules(block)
-        ys, stats, affine = [], [], []
-        out, prologue = x, None
-        for conv, bn in pairs:
-            y, scale, shift, mean, invstd = conv_with_stats(out, conv, bn, prologue)
-            ys.append(y)
-            stats.append((mean, invstd))
-            affine.append((scale, shift))
-            out, prologue = y, (scale, shift)
-        if ds is None:
-            result = bn_act(ys[-1], *affine[-1], residual=x)
-        else:
-            yd, ds_scale, ds_shift, mean, invstd = conv_with_stats(x, ds[0], ds[1])
-            result = bn_act(ys[-1], *affine[-1], residual=yd, residual_scale=ds_scale,
-                            residual_shift=ds_shift)
-            ys.append(yd)
-            stats.append((mean, invstd))
-        ctx.block = block
-        ctx.save_for_backward(x, result > 0, *ys, *[t for pair in stats for t in pair],
-                              *[t for pair in affine for t in pair])
-        ctx.n_stages = len(pairs)
-        return result
+def _backward(ctx, grads):
+    n_bn, has_ds, geometry = ctx.n_bn, ctx.has_downsample, ctx.geometry
+    n = n_bn - int(has_ds)
+    saved = list(ctx.saved_tensors)
+    x, out = saved[0], saved[1]
+    weights = saved[2:2 + n_bn]
+    k = 2 + n_bn
+    gammas = []
+    for has in ctx.has_gamma:
+        gammas.append(saved[k] if has else None)
+        k += int(has)
+    ys, means, invstds, scales, shifts = (saved[k + j * n_bn:k + (j + 1) * n_bn] for j in range(5))
+    kernels = _uses_kernels(x)
+    bn_grads = bn_relu_backward if kernels else _bn_relu_grads_torch
+    bns = [BNGradInput(ys[i], means[i], invstds[i], gammas[i]) for i in range(n_bn)]
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        pairs, ds = _stage_modules(ctx.block)
-        n = ctx.n_stages
-        saved = list(ctx.saved_tensors)
-        x, mask = saved[0], saved[1]
-        n_y = n + (1 if ds else 0)
-        ys = saved[2:2 + n_y]
-        flat_stats = saved[2 + n_y:2 + 3 * n_y]
-        stats = [(flat_stats[2 * i], flat_stats[2 * i + 1]) for i in range(n_y)]
-        flat_affine = saved[2 + 3 * n_y:]
-        affine = [(flat_affine[2 * i], flat_affine[2 * i + 1]) for i in range(n)]
+    def activation(i):
+        """The input of stage i's conv: x, or the previous stage's BN + ReLU output (recomputed
+        from the saved raw output, rounded to the dtype as the forward's prologue rounded it)."""
+        if i == 0:
+            return x
+        if kernels:
+            return bn_act(ys[i - 1], scales[i - 1], shifts[i - 1])
+        return _bn_relu_torch(ys[i - 1], scales[i - 1], shifts[i - 1])
 
-        grads = {}
-        g = grad_out.float() * mask
-        if ds is None:
-            dx = g.clone()
-        else:
-            dyd, dgamma, dbeta = _bn_backward(g, ys[n], *stats[n], ds[1].weight)
-            dx_ds, dw, db = _conv_backward(dyd, x, ds[0])
-            dx = dx_ds.float()
-            grads[id(ds[0].weight)], grads[id(ds[1].weight)], grads[id(ds[1].bias)] = dw, dgamma, dbeta
-            if ds[0].bias is not None:
-                grads[id(ds[0].bias)] = db
-        for i in reversed(range(n)):
-            conv, bn = pairs[i]
-            dy, dgamma, dbeta = _bn_backward(g, ys[i], *stats[i], bn.weight)
-            conv_in = x if i == 0 else _bn_relu(ys[i - 1], *affine[i - 1])
-            dinp, dw, db = _conv_backward(dy, conv_in, conv)
-            grads[id(conv.weight)], grads[id(bn.weight)], grads[id(bn.bias)] = dw, dgamma, dbeta
-            if conv.bias is not None:
-                grads[id(conv.bias)] = db
-            if i == 0:
-                dx = dx + dinp.float()
-            else:
-                g = dinp.float() * (conv_in > 0)  # back through the previous stage's ReLU
-        params = _params(pairs, ds)
-        param_grads = [None if p is None or id(p) not in grads else grads[id(p)].to(p.dtype)
-                       for p in params]
-        return (dx.to(x.dtype), None, *param_grads)
+    def conv_backward(dy, inp, i, need_input):
+        stride, padding, dilation = _unpack_geometry(geometry, i)
+        return ops.conv_grads(dy, inp, weights[i], stride, padding, dilation,
+                              (need_input, True, True), has_bias=ctx.has_conv_bias[i])
 
+    dw, db = [None] * n_bn, [None] * n_bn
+    dgamma, dbeta = [None] * n_bn, [None] * n_bn
+    # The last stage's BN (and the downsample's BN, which sees the same gradient) + final ReLU.
+    dy, dgamma[n - 1], dbeta[n - 1], dyd, dg_ds, db_ds, g_identity = bn_grads(
+        grads[0], bns[n - 1], MASK_FROM_OUTPUT, mask_output=out,
+        second=bns[n] if has_ds else None, write_g=not has_ds and ctx.needs_x)
+    dx_shortcut = g_identity
+    if has_ds:
+        dgamma[n], dbeta[n] = dg_ds, db_ds
+        dx_shortcut, dw[n], db[n] = conv_backward(dyd, x, n, ctx.needs_x)
+    for i in reversed(range(n)):
+        if i < n - 1:
+            dy, dgamma[i], dbeta[i], *_ = bn_grads(g, bns[i], MASK_FROM_AFFINE,
+                                                   affine=(scales[i], shifts[i]))
+        g, dw[i], db[i] = conv_backward(dy, activation(i), i, i > 0 or ctx.needs_x)
+    dx = None
+    if ctx.needs_x:
+        dx = g if dx_shortcut is None else g + dx_shortcut
+    cast = lambda grads_, params: [None if t is None or p is None else t.to(p.dtype)  # noqa: E731
+                                   for t, p in zip(grads_, params)]
+    dgamma = [None if w is None else d for w, d in zip(gammas, dgamma)]
+    dbeta = [None if w is None else d for w, d in zip(gammas, dbeta)]
+    none = [None] * n_bn  # list inputs take a list of gradients (running stats: none)
+    return (dx, dw, db, cast(dgamma, gammas), cast(dbeta, gammas), none, none, none, None, None,
+            None, None, None, None)
+
+
+_block_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level entry point
 
 def block_train(block: nn.Module, x: Tensor) -> Tensor:
-    """Training-mode block forward through the fused kernels, differentiable with respect to x
-    and every conv/BN parameter (first version of the training path; not yet the modules'
-    default). Every BN of the block must be in train mode."""
-    pairs, ds = _stage_modules(block)
-    return _BlockTrainFunction.apply(x, block, *_params(pairs, ds))
+    """Training-mode forward of a torchvision-style ResNet block (every BN in train mode) through
+    the fused op: differentiable with respect to x and every conv/BN parameter; updates the BNs'
+    running statistics and num_batches_tracked exactly as the unfused block does.
+
+    Under autocast the convs run in the autocast dtype, as eager's do, with the BN parameters
+    and statistics kept in their own (fp32) dtype."""
+    pairs, ds = stage_modules(block)
+    if ds is not None:
+        pairs = pairs + [ds]
+    convs = [c for c, _ in pairs]
+    bns = [b for _, b in pairs]
+    weights = [c.weight for c in convs]
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+    tracking = [b.track_running_stats and b.running_mean is not None for b in bns]
+    counters = [b.num_batches_tracked for b, t in zip(bns, tracking)
+                if t and b.num_batches_tracked is not None]
+    if counters:
+        with torch.no_grad():
+            torch._foreach_add_(counters, 1)
+    geometry = [v for c in convs for v in _geometry(c)]
+    missing = x.new_empty(0)  # the op's marker for "no such tensor" (see _optional)
+    given = lambda tensors: [missing if t is None else t for t in tensors]  # noqa: E731
+    args = (x, weights, given(c.bias for c in convs), given(b.weight for b in bns),
+            given(b.bias for b in bns),
+            given(b.running_mean if t else None for b, t in zip(bns, tracking)),
+            given(b.running_var if t else None for b, t in zip(bns, tracking)),
+            given(b.num_batches_tracked if t and b.momentum is None else None
+                  for b, t in zip(bns, tracking)),
+            geometry, [float(b.eps) for b in bns], [float(b.momentum or 0.0) for b in bns],
+            [b.momentum is None for b in bns], ds is not None, ops.get_fp32_precision())
+    with torch.autocast(device_type, enabled=False):
+        results = _block_train_op(*args)
+    n_bn = len(bns)
+    new_means, new_vars = results[1 + 5 * n_bn:1 + 6 * n_bn], results[1 + 6 * n_bn:]
+    targets = [(b.running_mean, m) for b, t, m in zip(bns, tracking, new_means) if t]
+    targets += [(b.running_var, v) for b, t, v in zip(bns, tracking, new_vars) if t]
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_([t for t, _ in targets], [v for _, v in targets])
+    return results[0]
 
 
 def block_train_forward(block: nn.Module, x: Tensor) -> Tensor:

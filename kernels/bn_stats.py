@@ -1,16 +1,18 @@
 """Training-mode BatchNorm finalize in one launch: merge the conv epilogue's per-chunk statistics,
-update the running statistics, and produce the scale/shift the next conv's prologue applies.
+compute the new running statistics, and produce the scale/shift the next conv's prologue applies.
 
 For each channel (a program per block of channels):
   mean = sum n_i mean_i / M;  M2 = sum M2_i + sum n_i (mean_i - mean)^2   (Chan et al.; stable)
   var = M2 / M (biased, normalises the batch); running_var uses M2 / (M - 1) (unbiased)
   running = (1 - f) running + f batch, with f = momentum, or 1 / num_batches_tracked when
   momentum is None (the caller has already incremented num_batches_tracked, as nn.BatchNorm2d
-  does, so every program reads the same count)
+  does, so every program reads the same count); the new running statistics go to new tensors
   scale = weight / sqrt(var + eps);  shift = bias - mean * scale
 It also writes mean and 1/sqrt(var + eps) for the backward pass.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -24,7 +26,8 @@ BLOCK_CHUNKS = 256 if INTERPRETED else 64
 
 @triton.jit
 def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-                       nbt_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, eps, momentum,
+                       nbt_ptr, new_rmean_ptr, new_rvar_ptr, scale_ptr, shift_ptr, mean_ptr,
+                       invstd_ptr, eps, momentum,
                        CHUNK: tl.constexpr, HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -64,8 +67,8 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
         rv = tl.load(rvar_ptr + offs_c, mask=mask_c, other=0.0)
         new_rm = (1.0 - factor) * rm.to(tl.float32) + factor * mean
         new_rv = (1.0 - factor) * rv.to(tl.float32) + factor * unbiased
-        tl.store(rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
-        tl.store(rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
+        tl.store(new_rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
+        tl.store(new_rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
     scale = invstd
     shift = -mean * invstd
     if HAS_AFFINE:
@@ -79,23 +82,35 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
     tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
 
 
-def bn_finalize(stats: torch.Tensor, M: int, bn) -> tuple:
-    """(scale, shift, mean, invstd), fp32 (K,), from the STATS epilogue's partials, updating
-    bn's running statistics exactly as nn.BatchNorm2d does in train mode."""
+def bn_finalize(stats: torch.Tensor, M: int, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], batches_tracked: Optional[torch.Tensor],
+                eps: float, momentum: Optional[float]) -> tuple:
+    """(scale, shift, mean, invstd, new_running_mean, new_running_var) from the STATS epilogue's
+    partials; the first four fp32 (K,), the last two in the running stats' dtype (None when
+    running_mean is None: a BN with track_running_stats=False updates nothing).
+
+    Functional (the running statistics are read, never written): the caller copies the new ones
+    in, which keeps the op that calls this free of mutation for torch.compile and autograd.
+    momentum=None is the cumulative average, 1 / batches_tracked, read on the device from the
+    already-incremented num_batches_tracked (no host sync)."""
     n_chunks, _, K = stats.shape
     outs = [torch.empty(K, dtype=torch.float32, device=stats.device) for _ in range(4)]
-    update = bool(bn.training and bn.track_running_stats)
-    cumulative = update and bn.momentum is None
-    if update and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    affine = bn.weight is not None
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    if cumulative and batches_tracked is None:
+        raise ValueError("bn_finalize: momentum=None needs num_batches_tracked")
+    new_rm = torch.empty_like(running_mean) if update else None
+    new_rv = torch.empty_like(running_var) if update else None
+    affine = weight is not None
     placeholder = outs[0]
     bn_finalize_kernel[(triton.cdiv(K, BLOCK_C),)](
         stats, n_chunks, M, K,
-        bn.weight if affine else placeholder, bn.bias if affine else placeholder,
-        bn.running_mean if update else placeholder, bn.running_var if update else placeholder,
-        bn.num_batches_tracked if cumulative else placeholder, *outs,
-        float(bn.eps), float(bn.momentum or 0.0),
+        weight if affine else placeholder, bias if affine else placeholder,
+        running_mean if update else placeholder, running_var if update else placeholder,
+        batches_tracked if cumulative else placeholder,
+        new_rm if update else placeholder, new_rv if update else placeholder, *outs,
+        float(eps), float(momentum or 0.0),
         CHUNK=STATS_CHUNK, HAS_AFFINE=affine, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
         BLOCK_C=BLOCK_C, BLOCK_CHUNKS=BLOCK_CHUNKS)
-    return tuple(outs)
+    return tuple(outs) + (new_rm, new_rv)

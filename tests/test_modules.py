@@ -9,7 +9,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fastres.kernels import conv as conv_kernels
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_as_accurate_as_eager, assert_close,
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager, assert_close,
                      conv_reduction, is_format, kink_free_grad, randomize_bn, to_format)
 
 USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
@@ -107,15 +107,49 @@ def test_conv_bias_and_affine_free_bn(device):
                      torch.float32, 54)
 
 
-@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
-def test_train_mode_is_exactly_the_unfused_block(kind, device):
-    """Train mode: same outputs, same gradients, same running-stat updates as torchvision's."""
+def _train_pair(kind, device):
     fused = randomize_bn(make_block(kind, True)).to(device).train()
     tv_cls = BasicBlock if kind == "basic" else Bottleneck
     args = (12, 20, 2) if kind == "basic" else (24, 12, 2)
     tv = tv_cls(*args, downsample=_downsample(args[0], args[1] * tv_cls.expansion, 2)).to(device).train()
     tv.load_state_dict(fused.state_dict(), strict=True)
-    x = torch.randn(4, args[0], 8, 8, device=device)
+    return fused, tv, torch.randn(4, args[0], 8, 8, device=device)
+
+
+@pytest.mark.skipif(not USES_KERNELS, reason="the fused training path needs CUDA or the interpreter")
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_train_mode_runs_the_fused_training_op_by_default(kind, device):
+    """Train mode goes through fastres::block_train (one stats-conv launch per conv) and matches
+    torchvision's block: outputs, gradients, running statistics; then eval uses the new stats.
+    (Accuracy in every dtype and format: tests/test_training_autograd.py.)"""
+    fused, tv, x = _train_pair(kind, device)
+    assert fused.train_fallback_reason is None
+    before = conv_kernels.launch_count()
+    out_f, out_t = fused(x), tv(x)
+    assert conv_kernels.launch_count() - before == len(stage_reductions(fused)) + 1
+    assert "fastres_block_train" in out_f.grad_fn.name()
+    tol = 64 * UNIT_ROUNDOFF[torch.float32]
+    torch.testing.assert_close(out_f, out_t, rtol=tol, atol=tol)
+    out_f.square().sum().backward()
+    out_t.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), tv.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol * q.grad.abs().max().item(),
+                                   msg=name)
+    for (name, b), c in zip(fused.named_buffers(), tv.buffers()):
+        torch.testing.assert_close(b, c, rtol=tol, atol=tol, msg=name)
+    # and back to eval: the fused path uses the freshly updated running statistics
+    fused.eval()
+    tv.eval()
+    with torch.no_grad():
+        assert_close(fused(x), tv.double()(x.double()), torch.float32, stage_reductions(fused))
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_train_mode_without_kernels_is_exactly_the_unfused_block(kind, device, monkeypatch):
+    """Where the kernels do not run (the CPU torch path), train mode is torchvision's block,
+    bit for bit: outputs, gradients and running-stat updates."""
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    fused, tv, x = _train_pair(kind, device)
     out_f, out_t = fused(x), tv(x)
     assert torch.equal(out_f, out_t)
     out_f.square().sum().backward()
@@ -124,11 +158,6 @@ def test_train_mode_is_exactly_the_unfused_block(kind, device):
         assert torch.equal(p.grad, q.grad), name
     for (name, b), c in zip(fused.named_buffers(), tv.buffers()):
         assert torch.equal(b, c), name
-    # and back to eval: the fused path uses the freshly updated running statistics
-    fused.eval()
-    tv.eval()
-    with torch.no_grad():
-        assert_close(fused(x), tv.double()(x.double()), torch.float32, stage_reductions(fused))
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])

@@ -132,13 +132,23 @@ def _chunk_stats(y):
     return torch.stack(parts).float()
 
 
+def _finalize(stats, M, bn):
+    """bn_finalize for a module's BN, num_batches_tracked incremented first as the block does."""
+    from fastres.kernels.bn_stats import bn_finalize
+    track = bn.training and bn.track_running_stats
+    if track:
+        bn.num_batches_tracked.add_(1)
+    return bn_finalize(stats, M, bn.weight, bn.bias, bn.running_mean if track else None,
+                       bn.running_var if track else None, bn.num_batches_tracked,
+                       bn.eps, bn.momentum)
+
+
 @pytest.mark.parametrize("bn_kwargs", [dict(), dict(momentum=None), dict(track_running_stats=False),
                                        dict(affine=False, eps=1e-3)],
                          ids=["momentum", "cumulative", "no_running_stats", "no_affine"])
 def test_bn_finalize_matches_batchnorm_bookkeeping(bn_kwargs, device):
     import copy
     from torch import nn
-    from fastres.kernels.bn_stats import bn_finalize
     from fastres.reference import batch_norm_train_update
 
     K, M = 70, 1000  # several channel blocks; a short last chunk
@@ -151,24 +161,29 @@ def test_bn_finalize_matches_batchnorm_bookkeeping(bn_kwargs, device):
     for _ in range(2):  # twice: the cumulative average needs a second step to differ
         y = torch.randn(M, K, device=device) * 3 + 50
         stats = _chunk_stats(y.cpu()).to(device)
-        scale, shift, mean, invstd = bn_finalize(stats, M, bn)
+        scale, shift, mean, invstd, new_rm, new_rv = _finalize(stats, M, bn)
         ref_mean, ref_var = merge_chunk_stats(stats.cpu(), M, conv_kernels.STATS_CHUNK)
         ref_scale, ref_shift = batch_norm_train_update(ref_bn.cpu(), ref_mean, ref_var, M)
         for got, want in ((scale, ref_scale), (shift, ref_shift), (mean, ref_mean),
                           (invstd, torch.rsqrt(ref_var + bn.eps))):
             torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+        if bn.track_running_stats:
+            assert not torch.equal(new_rm, bn.running_mean)  # functional: the inputs are untouched
+            bn.running_mean.copy_(new_rm)
+            bn.running_var.copy_(new_rv)
+        else:
+            assert new_rm is None and new_rv is None
     for (name, b), c in zip(bn.named_buffers(), ref_bn.buffers()):
         torch.testing.assert_close(b.double().cpu(), c.double(), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_bn_finalize_is_stable_for_large_means(device):
     from torch import nn
-    from fastres.kernels.bn_stats import bn_finalize
 
     M, K = 4096, 8
     y = torch.randn(M, K, dtype=torch.float64) * 0.5 + 3000.0
     bn = nn.BatchNorm2d(K, affine=False).train().to(device)
-    _, _, _, invstd = bn_finalize(_chunk_stats(y).to(device), M, bn)
+    invstd = _finalize(_chunk_stats(y).to(device), M, bn)[3]
     var = invstd.double().cpu() ** -2 - bn.eps
     ref = y.var(0, unbiased=False)
     assert ((var - ref).abs() / ref).max().item() < 1e-3
