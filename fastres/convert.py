@@ -128,10 +128,12 @@ def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
     return None
 
 
-def _probe_mismatch(block: nn.Module, kind: str) -> Optional[str]:
-    """Run the block's own forward and the torchvision formula on a randomised float64 copy."""
+def _probe_mismatch(block: nn.Module, kind: str, training: bool = False) -> Optional[str]:
+    """Run the block's own forward and the torchvision formula on a randomised float64 copy, in
+    eval mode or (training=True) in train mode, where dropout-like layers and anything else that
+    acts only in training would show."""
     gen = torch.Generator().manual_seed(0)
-    probe = copy.deepcopy(block).to(device="cpu", dtype=torch.float64).eval()
+    probe = copy.deepcopy(block).to(device="cpu", dtype=torch.float64).train(training)
     with torch.no_grad():
         for m in probe.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -168,9 +170,17 @@ def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool) -> Non
                 report.add(path, kind, False, reason)
                 continue
             cls = FusedBottleneck if kind == "Bottleneck" else FusedBasicBlock
-            setattr(parent, name, cls.from_block(child))
+            fused = cls.from_block(child)
+            setattr(parent, name, fused)
             ds = " + downsample" if getattr(child, "downsample", None) is not None else ""
-            report.add(path, kind, True, f"{len(cls._stages)} launches{ds}")
+            detail = f"{len(cls._stages)} launches{ds}"
+            train_reason = _probe_mismatch(child, kind, training=True) if verify else None
+            if train_reason:
+                fused.__dict__["_train_probe_reason"] = train_reason
+            train_reason = fused.train_fallback_reason
+            if train_reason:
+                detail += f"; train mode runs unfused: {train_reason}"
+            report.add(path, kind, True, detail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,31 +247,17 @@ def _bn_relu_grads_torch(grad, bn: BNGradInput, mask, mask_output=None, affine=N
             g.to(bn.y.dtype) if write_g else None)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, weights, conv_biases, bn_weights, _, _, _, _, geometry, _, _, _, has_downsample, _) = inputs
+def _block_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weights: List[Tensor],
+                         gammas: List[Tensor], ys: List[Tensor], means: List[Tensor],
+                         invstds: List[Tensor], scales: List[Tensor], shifts: List[Tensor],
+                         geometry: List[int], has_conv_bias: List[bool], has_downsample: bool,
+                         needs_x: bool) -> List[Tensor]:
+    """All of the block's gradients: [dx, dweight per conv, dbias per conv, dgamma per BN,
+    dbeta per BN]; empty tensors for what does not exist (no conv bias, no BN affine, dx when
+    not needed). dx/dweight/dbias in x's dtype, dgamma/dbeta in the statistics' dtype."""
     n_bn = len(weights)
-    ctx.n_bn, ctx.has_downsample, ctx.geometry = n_bn, has_downsample, list(geometry)
-    ctx.has_conv_bias = [b.numel() > 0 for b in conv_biases]
-    ctx.has_gamma = [w.numel() > 0 for w in bn_weights]
-    ctx.needs_x = ctx.needs_input_grad[0]
-    # output[0] is the block output: the final ReLU's mask, and the next block's input anyway.
-    saved = [x, output[0]] + list(weights) + [w for w in bn_weights if w.numel() > 0]
-    saved += list(output[1:1 + 5 * n_bn])  # ys, means, invstds, scales, shifts
-    ctx.save_for_backward(*saved)
-
-
-def _backward(ctx, grads):
-    n_bn, has_ds, geometry = ctx.n_bn, ctx.has_downsample, ctx.geometry
-    n = n_bn - int(has_ds)
-    saved = list(ctx.saved_tensors)
-    x, out = saved[0], saved[1]
-    weights = saved[2:2 + n_bn]
-    k = 2 + n_bn
-    gammas = []
-    for has in ctx.has_gamma:
-        gammas.append(saved[k] if has else None)
-        k += int(has)
-    ys, means, invstds, scales, shifts = (saved[k + j * n_bn:k + (j + 1) * n_bn] for j in range(5))
+    n = n_bn - int(has_downsample)
+    gammas = _optional(gammas)
     kernels = _uses_kernels(x)
     bn_grads = bn_relu_backward if kernels else _bn_relu_grads_torch
     bns = [BNGradInput(ys[i], means[i], invstds[i], gammas[i]) for i in range(n_bn)]
@@ -288,33 +274,79 @@ def _backward(ctx, grads):
     def conv_backward(dy, inp, i, need_input):
         stride, padding, dilation = _unpack_geometry(geometry, i)
         return ops.conv_grads(dy, inp, weights[i], stride, padding, dilation,
-                              (need_input, True, True), has_bias=ctx.has_conv_bias[i])
+                              (need_input, True, True), has_bias=has_conv_bias[i])
 
     dw, db = [None] * n_bn, [None] * n_bn
     dgamma, dbeta = [None] * n_bn, [None] * n_bn
     # The last stage's BN (and the downsample's BN, which sees the same gradient) + final ReLU.
     dy, dgamma[n - 1], dbeta[n - 1], dyd, dg_ds, db_ds, g_identity = bn_grads(
-        grads[0], bns[n - 1], MASK_FROM_OUTPUT, mask_output=out,
-        second=bns[n] if has_ds else None, write_g=not has_ds and ctx.needs_x)
+        grad, bns[n - 1], MASK_FROM_OUTPUT, mask_output=out,
+        second=bns[n] if has_downsample else None, write_g=not has_downsample and needs_x)
     dx_shortcut = g_identity
-    if has_ds:
-        dgamma[n], dbeta[n] = dg_ds, db_ds
-        dx_shortcut, dw[n], db[n] = conv_backward(dyd, x, n, ctx.needs_x)
+    if has_downsample:
+        dgamma[n], dbeta[n] = dg_ds, db_ds.clone()  # == dbeta[n - 1]; outputs may not alias
+        dx_shortcut, dw[n], db[n] = conv_backward(dyd, x, n, needs_x)
     for i in reversed(range(n)):
         if i < n - 1:
             dy, dgamma[i], dbeta[i], *_ = bn_grads(g, bns[i], MASK_FROM_AFFINE,
                                                    affine=(scales[i], shifts[i]))
-        g, dw[i], db[i] = conv_backward(dy, activation(i), i, i > 0 or ctx.needs_x)
-    dx = None
-    if ctx.needs_x:
-        dx = g if dx_shortcut is None else g + dx_shortcut
-    cast = lambda grads_, params: [None if t is None or p is None else t.to(p.dtype)  # noqa: E731
+        g, dw[i], db[i] = conv_backward(dy, activation(i), i, i > 0 or needs_x)
+    dx = (g if dx_shortcut is None else g + dx_shortcut) if needs_x else x.new_empty(0)
+    missing = lambda: x.new_empty(0)  # noqa: E731  (outputs may not alias: one each)
+    acc = _stat_dtype(x)
+    return ([dx.to(x.dtype)] + [d.to(x.dtype) for d in dw]
+            + [missing() if d is None else d.to(x.dtype) for d in db]
+            + [missing() if w is None else d.to(acc) for w, d in zip(gammas, dgamma)]
+            + [missing() if w is None else d.to(acc) for w, d in zip(gammas, dbeta)])
+
+
+# The backward is an op of its own so that torch.compile's autograd tracing sees one opaque
+# node (with a fake implementation) instead of raw Triton launches it cannot trace.
+_block_backward_op = torch.library.custom_op("fastres::block_train_backward",
+                                             _block_backward_impl, mutates_args=())
+
+
+@_block_backward_op.register_fake
+def _block_backward_fake(grad, x, out, weights, gammas, ys, means, invstds, scales, shifts,
+                         geometry, has_conv_bias, has_downsample, needs_x):
+    acc = _stat_dtype(x)
+    affine_grads = lambda: [x.new_empty(w.shape[0], dtype=acc) if g.numel() else x.new_empty(0)  # noqa: E731
+                            for w, g in zip(weights, gammas)]
+    return ([torch.empty_like(x) if needs_x else x.new_empty(0)]
+            + [torch.empty_like(w) for w in weights]
+            + [x.new_empty(w.shape[0]) if has else x.new_empty(0)
+               for w, has in zip(weights, has_conv_bias)]
+            + affine_grads() + affine_grads())  # fresh tensors: fake outputs must not alias
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weights, conv_biases, bn_weights, _, _, _, _, geometry, _, _, _, has_downsample, _) = inputs
+    n_bn = len(weights)
+    ctx.n_bn, ctx.has_downsample, ctx.geometry = n_bn, has_downsample, list(geometry)
+    ctx.has_conv_bias = [b.numel() > 0 for b in conv_biases]
+    ctx.needs_x = ctx.needs_input_grad[0]
+    # output[0] is the block output: the final ReLU's mask, and the next block's input anyway.
+    ctx.save_for_backward(x, output[0], *weights, *bn_weights, *output[1:1 + 5 * n_bn])
+
+
+def _backward(ctx, grads):
+    n_bn = ctx.n_bn
+    saved = list(ctx.saved_tensors)
+    x, out = saved[0], saved[1]
+    weights, gammas = saved[2:2 + n_bn], saved[2 + n_bn:2 + 2 * n_bn]
+    per_bn = saved[2 + 2 * n_bn:]  # ys, means, invstds, scales, shifts
+    ys, means, invstds, scales, shifts = (per_bn[j * n_bn:(j + 1) * n_bn] for j in range(5))
+    res = _block_backward_op(grads[0], x, out, weights, gammas, ys, means, invstds, scales,
+                             shifts, ctx.geometry, ctx.has_conv_bias, ctx.has_downsample,
+                             ctx.needs_x)
+    dx, dw = res[0], res[1:1 + n_bn]
+    db, dgamma, dbeta = (res[1 + n_bn * j:1 + n_bn * (j + 1)] for j in (1, 2, 3))
+    cast = lambda grads_, params: [None if t.numel() == 0 else t.to(p.dtype)  # noqa: E731
                                    for t, p in zip(grads_, params)]
-    dgamma = [None if w is None else d for w, d in zip(gammas, dgamma)]
-    dbeta = [None if w is None else d for w, d in zip(gammas, dbeta)]
     none = [None] * n_bn  # list inputs take a list of gradients (running stats: none)
-    return (dx, dw, db, cast(dgamma, gammas), cast(dbeta, gammas), none, none, none, None, None,
-            None, None, None, None)
+    return (dx if ctx.needs_x else None, cast(dw, weights), cast(db, weights),
+            cast(dgamma, gammas), cast(dbeta, gammas), none, none, none, None, None, None, None,
+            None, None)
 
 
 _block_train_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,9 @@ from fastres.kernels.conv import INTERPRETED, STATS_CHUNK
 BLOCK_C = 64
 BLOCK_CHUNKS = 256 if INTERPRETED else 64
 
+# Allocator of the outputs (the tests swap in one that fills them with NaN).
+new_like = torch.empty_like
+
 
 @triton.jit
 def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
@@ -95,13 +98,13 @@ def bn_finalize(stats: torch.Tensor, M: int, weight: Optional[torch.Tensor],
     momentum=None is the cumulative average, 1 / batches_tracked, read on the device from the
     already-incremented num_batches_tracked (no host sync)."""
     n_chunks, _, K = stats.shape
-    outs = [torch.empty(K, dtype=torch.float32, device=stats.device) for _ in range(4)]
+    outs = [new_like(torch.empty(K, dtype=torch.float32, device=stats.device)) for _ in range(4)]
     update = running_mean is not None
     cumulative = update and momentum is None
     if cumulative and batches_tracked is None:
         raise ValueError("bn_finalize: momentum=None needs num_batches_tracked")
-    new_rm = torch.empty_like(running_mean) if update else None
-    new_rv = torch.empty_like(running_var) if update else None
+    new_rm = new_like(running_mean) if update else None
+    new_rv = new_like(running_var) if update else None
     affine = weight is not None
     placeholder = outs[0]
     bn_finalize_kernel[(triton.cdiv(K, BLOCK_C),)](

@@ -65,3 +65,32 @@ def test_compile_backward_through_the_fused_op(tmp_path, monkeypatch):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(compiled_block.named_parameters(), block.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_compile_training_mode_through_the_block_op(tmp_path, monkeypatch):
+    """Batch-statistics training under torch.compile(fullgraph=True): fastres::block_train is
+    one opaque node with a fake implementation and registered autograd; outputs, gradients,
+    running statistics and num_batches_tracked equal eager fastres over two steps."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from fastres.kernels import conv as conv_kernels
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    model = randomize_bn(nn.Sequential(FusedBasicBlock(8, 8), FusedBottleneck(8, 4, 2, ds))).train()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(3, 8, 7, 7)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out1 = model(x1)
+        before = conv_kernels.launch_count()
+        out2 = compiled(x2)
+        if conv_kernels.INTERPRETED or torch.cuda.is_available():
+            assert conv_kernels.launch_count() - before == 2 + 4  # one stats conv per conv
+        torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-5)
+        out1.square().sum().backward()
+        out2.square().sum().backward()
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(compiled_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(compiled_model.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(compiled_model[1].bn3.num_batches_tracked) == 2

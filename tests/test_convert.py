@@ -174,7 +174,7 @@ def test_train_eval_switching_on_an_optimized_model(device):
 # ---- user-defined ResNets: found by structure, not class name ---------------------------------
 
 class MyBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, final_relu=True, extra=False):
+    def __init__(self, cin, cout, stride=1, final_relu=True, extra=False, dropout=0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -185,19 +185,20 @@ class MyBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         self.final_relu = final_relu
         self.gate = nn.Linear(cout, cout) if extra else None
+        self.dropout = dropout
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.dropout(F.relu(self.bn1(self.conv1(x))), self.dropout, self.training)
         out = self.bn2(self.conv2(out))
         out = out + (x if self.downsample is None else self.downsample(x))
         return F.relu(out) if self.final_relu else out
 
 
 class MyNet(nn.Module):
-    def __init__(self, final_relu=True, extra=False):
+    def __init__(self, final_relu=True, extra=False, dropout=0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(MyBlock(16, 16), MyBlock(16, 24, 2, final_relu, extra))
+        self.body = nn.Sequential(MyBlock(16, 16), MyBlock(16, 24, 2, final_relu, extra, dropout))
         self.head = nn.Linear(24, 5)
 
     def forward(self, x):
@@ -216,6 +217,33 @@ def test_user_resnet_is_found_by_structure(device):
     _assert_model_close(err, eager_err, scale, torch.float32)
     if USES_KERNELS:
         assert launches == 1 + 2 + 2
+
+
+def test_block_that_acts_differently_in_training_fuses_for_eval_only(device):
+    """Dropout inside a block's forward is invisible in eval mode: the block fuses, but the train
+    probe sees it, so train mode runs the block's own (unfused) forward, dropout included."""
+    original, fused = _pair(MyNet(dropout=0.5))
+    block = fused.body[1]
+    assert isinstance(block, FusedBasicBlock) and fused.body[0].train_fallback_reason is None
+    assert "does not compute" in block.train_fallback_reason
+    entry = next(e for e in fastres.fusion_report(fused).fused if e.path == "body.1")
+    assert "train mode runs unfused" in entry.detail
+    original, block = original.body[1].to(device).train(), block.to(device).train()
+    h = torch.randn(2, 16, 10, 10, device=device)
+    torch.manual_seed(3)
+    out = block(h)
+    torch.manual_seed(3)
+    assert torch.equal(out, original(h))  # the same dropout mask: the block's own forward ran
+
+
+def test_timm_drop_path_blocks_train_unfused():
+    model = fastres.optimize(timm.create_model("resnet18", pretrained=False, num_classes=10,
+                                               drop_path_rate=0.1))
+    blocks = [m for m in model.modules() if isinstance(m, FusedBasicBlock)]
+    assert len(blocks) == 8
+    reasons = [b.train_fallback_reason for b in blocks]
+    # timm's first block has drop-path rate 0 (nn.Identity); the rest have a DropPath child
+    assert reasons[0] is None and all("DropPath" in r for r in reasons[1:])
 
 
 def test_block_whose_forward_differs_is_left_alone():

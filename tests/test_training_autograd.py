@@ -1,16 +1,24 @@
-"""Training-mode fused blocks with autograd (issue 4, first version; not yet the modules'
-default): outputs, input and parameter gradients and running statistics equal the unfused
-torchvision block in train mode (float64 reference), and a tiny ResNet trains the same."""
+"""Training-mode fused blocks with autograd (the fused modules' train-mode default, through the
+fastres::block_train op): outputs, input and parameter gradients and running statistics equal the
+unfused torchvision block in train mode (float64 reference), and a tiny ResNet trains the same."""
 import copy
 
 import pytest
 import torch
+
+import fastres
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from fastres.training import block_train
+from fastres import FusedBasicBlock, FusedBottleneck
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager,
                      kink_free_grad, randomize_bn, to_format, torchvision_block)
+
+
+def fused(block: nn.Module) -> nn.Module:
+    """The fastres module wrapping a torchvision block (sharing its parameters and buffers)."""
+    cls = FusedBasicBlock if isinstance(block, BasicBlock) else FusedBottleneck
+    return cls.from_block(block)
 
 
 def _assert_close_scaled(got, want, tol, what):
@@ -37,7 +45,7 @@ def test_forward_backward_and_running_stats_match_unfused(kind, downsample, dtyp
     x0 = to_format(torch.randn(4, block.conv1.in_channels, 9, 7, device=device).to(dtype), fmt)
     x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     x_ref = x0.detach().double().cpu().requires_grad_()
-    outs = (block_train(block, x), eager(x_eager), ref(x_ref))
+    outs = (fused(block)(x), eager(x_eager), ref(x_ref))
     grad = kink_free_grad(outs[2], dtype)
     for out, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
         out.backward(g)
@@ -54,7 +62,7 @@ def test_gradient_accumulation(device):
     ref = copy.deepcopy(block)
     xs = [torch.randn(2, 24, 8, 8, device=device) for _ in range(2)]
     for x in xs:
-        block_train(block, x).square().mean().backward()
+        fused(block)(x).square().mean().backward()
         ref(x).square().mean().backward()
     for (name, p), q in zip(block.named_parameters(), ref.parameters()):
         _assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
@@ -69,31 +77,29 @@ class _TinyResNet(nn.Module):
             BasicBlock(16, 32, 2, nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))))
         self.head = nn.Linear(32, 4)
 
-    def forward(self, x, fused=False):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block_train(block, x) if fused else block(x)
-        return self.head(x.mean((2, 3)))
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 def test_tiny_resnet_trains_like_the_reference(device):
-    """12 SGD steps on synthetic data: losses and weights track the unfused model."""
+    """30 SGD steps on synthetic data: losses and weights track the unfused model."""
     torch.manual_seed(0)
-    model = _TinyResNet().to(device).train()
-    ref = copy.deepcopy(model)
+    ref = _TinyResNet().to(device).train()
+    model = fastres.optimize(copy.deepcopy(ref))
+    assert all(isinstance(b, FusedBasicBlock) for b in model.blocks)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     data = torch.randn(8, 3, 8, 8, device=device)
     target = torch.randint(0, 4, (8,), device=device)
     losses, ref_losses = [], []
-    for _ in range(12):
-        for m, o, log, fused in ((model, opt, losses, True), (ref, opt_ref, ref_losses, False)):
+    for _ in range(30):
+        for m, o, log in ((model, opt, losses), (ref, opt_ref, ref_losses)):
             o.zero_grad()
-            loss = nn.functional.cross_entropy(m(data, fused=fused), target)
+            loss = nn.functional.cross_entropy(m(data), target)
             loss.backward()
             o.step()
             log.append(loss.item())
-    # Stated tolerance: fp32 differences of ~1e-6 per step, grown by 12 steps of SGD with
+    # Stated tolerance: fp32 differences of ~1e-6 per step, grown by 30 steps of SGD with
     # momentum on a network this small, stay below 1e-3.
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-3, (losses, ref_losses)
     assert losses[-1] < losses[0]  # it does learn

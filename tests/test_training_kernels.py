@@ -187,3 +187,97 @@ def test_bn_finalize_is_stable_for_large_means(device):
     var = invstd.double().cpu() ** -2 - bn.eps
     ref = y.var(0, unbiased=False)
     assert ((var - ref).abs() / ref).max().item() < 1e-3
+
+
+# ---- the BN + ReLU backward kernels ------------------------------------------------------------
+
+# name: (N, C, H, W, mask kind, second BN, identity shortcut gradient, affine)
+BACKWARD_CASES = {
+    "final_identity": (3, 70, 13, 11, "output", False, True, True),
+    "final_downsample": (3, 70, 13, 11, "output", True, False, True),
+    # M = 1292 rows: several row programs, each looping over several row tiles
+    "between_stages": (4, 24, 19, 17, "affine", False, False, True),
+    "no_affine": (2, 9, 5, 7, "affine", False, False, False),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name, grad_fmt", [(n, "same") for n in BACKWARD_CASES]
+                         + [("final_identity", "other")])
+def test_bn_relu_backward_matches_float64_autograd(name, grad_fmt, dtype, fmt, device):
+    """dL/dy, dL/dgamma, dL/dbeta (and the second BN's, and the identity shortcut's masked
+    gradient) against float64 autograd through batch-statistics BN + ReLU."""
+    from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
+                                             bn_relu_backward)
+    N, C, H, W, mask, has_second, identity, affine = BACKWARD_CASES[name]
+    eps, M = 1e-5, N * H * W
+    ch = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
+
+    def bn_input(shift):
+        y = to_format((torch.randn(N, C, H, W) * 1.5 + shift).to(dtype), fmt)
+        y64 = y.double().requires_grad_()
+        var, mean = torch.var_mean(y64.detach(), dim=(0, 2, 3), unbiased=False)
+        gamma = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+        beta = torch.randn(C, dtype=torch.float64).requires_grad_() if affine else None
+        v, m = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
+        bn64 = (y64 - ch(m)) * ch(torch.rsqrt(v + eps))
+        if affine:
+            bn64 = bn64 * ch(gamma) + ch(beta)
+        kernel_bn = BNGradInput(y.to(device), mean.float().to(device),
+                                torch.rsqrt(var + eps).float().to(device),
+                                None if gamma is None else gamma.detach().float().to(device))
+        return y64, gamma, beta, bn64, kernel_bn
+
+    y64, gamma, beta, pre, bn = bn_input(0.5)
+    leaves = [y64] + ([gamma, beta] if affine else [])
+    second = None
+    if has_second:
+        y2_64, gamma2, beta2, bn2, second = bn_input(-2.0)
+        pre = pre + bn2
+        leaves += [y2_64, gamma2, beta2]
+    if identity:
+        res = to_format(torch.randn(N, C, H, W).to(dtype), fmt).double().requires_grad_()
+        pre = pre + res
+        leaves.append(res)
+    out64 = torch.relu(pre)
+    grad = torch.randn(N, C, H, W, dtype=torch.float64)
+    if mask == "affine":  # the kernel recomputes y*scale+shift in fp32: no gradient at the kink
+        grad[pre.detach().abs() < 1e-4] = 0.0
+    grad = grad.to(dtype)
+    g_fmt = fmt if grad_fmt == "same" else (torch.channels_last if fmt == torch.contiguous_format
+                                            else torch.contiguous_format)
+    refs = torch.autograd.grad(out64, leaves, grad.double())
+
+    kwargs = dict(second=second, write_g=identity)
+    if mask == "output":
+        kwargs.update(mask_output=out64.detach().to(dtype).to(device))
+        kind = MASK_FROM_OUTPUT
+    else:
+        scale = bn.invstd * (bn.gamma if affine else 1.0)
+        shift = (beta.detach().float().to(device) if affine else 0.0) - bn.mean * scale
+        kwargs.update(affine=(scale, shift))
+        kind = MASK_FROM_AFFINE
+    dy, dgamma, dbeta, dy2, dgamma2, dbeta2, g = bn_relu_backward(
+        to_format(grad.to(device), g_fmt), bn, kind, **kwargs)
+
+    # dy is an elementwise 3-term formula of fp32 per-channel sums: rounded once to the dtype.
+    # dgamma/dbeta are fp32 sums of M unit-scale terms; the table's bound is for terms scaled
+    # by 1/sqrt(L) (fan-in-scaled conv weights), so they are compared divided by sqrt(M).
+    assert dy.dtype == dtype and dy.is_contiguous(memory_format=fmt)
+    assert_close(dy, refs[0], dtype, 3)
+
+    def assert_sum_close(got, want):
+        assert_close(got / math.sqrt(M), want / math.sqrt(M), torch.float32, M)
+
+    k = 1
+    if affine:
+        assert_sum_close(dgamma, refs[1])
+        assert_sum_close(dbeta, refs[2])
+        k = 3
+    if has_second:
+        assert_close(dy2, refs[k], dtype, 3)
+        assert_sum_close(dgamma2, refs[k + 1])
+        assert_sum_close(dbeta2, refs[k + 2])
+    if identity:
+        assert_close(g, refs[-1], dtype, 1)

@@ -1,0 +1,178 @@
+"""Training where users train: a float64 gradcheck of the training op's autograd formula,
+autocast (AMP), and DistributedDataParallel (gloo backend, 2 processes)."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import fastres
+from fastres.kernels import conv as conv_kernels
+from fastres.training import block_train
+from helpers import (assert_as_accurate_as_eager, kink_free_grad, randomize_bn, relative_error,
+                     torchvision_block)
+from test_training_autograd import _TinyResNet, _assert_close_scaled, fused
+
+USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+
+
+# ---- gradcheck ------------------------------------------------------------------------------------
+
+class _BlockOp(nn.Module):
+    """Calls the training op on a block, so functional_call can swap the block's parameters."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return block_train(self.block, x)
+
+
+TINY_BLOCKS = {
+    "basic_downsample": (lambda: BasicBlock(3, 4, 2, nn.Sequential(nn.Conv2d(3, 4, 1, 2, bias=False),
+                                                                    nn.BatchNorm2d(4))), 3),
+    "basic_identity": (lambda: BasicBlock(4, 4), 4),
+    "bottleneck_downsample": (lambda: Bottleneck(4, 2, 2, nn.Sequential(nn.Conv2d(4, 8, 1, 2, bias=False),
+                                                                        nn.BatchNorm2d(8))), 4),
+    "bottleneck_identity": (lambda: Bottleneck(8, 2), 8),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_BLOCKS))
+def test_gradcheck_float64(name):
+    """The op's backward is the derivative of its forward, checked by finite differences in
+    float64 with respect to the input and every conv and BN parameter. The Triton kernels take
+    fp32/fp16/bf16 only, so float64 runs the op's torch implementation: what this checks is the
+    autograd formula (BN/ReLU backward, the recomputed activations, the shortcut's two paths),
+    which the kernels implement and the kernel tests compare against float64 autograd."""
+    make, channels = TINY_BLOCKS[name]
+    block = randomize_bn(make()).double().train()
+    wrapper = _BlockOp(block)
+    names = [f"block.{n}" for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    x = torch.randn(2, channels, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(wrapper, dict(zip(names, ps)), (x,))
+
+    assert "fastres_block_train" in f(x, *params).grad_fn.name()
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ---- autocast ----------------------------------------------------------------------------------
+
+def _autocast_dtype(device):
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@pytest.mark.skipif(not USES_KERNELS, reason="the fused training path needs CUDA or the interpreter")
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_autocast_training_is_as_accurate_as_eager_autocast(kind, device):
+    """Under torch.autocast (fp16 on CUDA, bf16 on the CPU) the fused block computes in the
+    autocast dtype as eager does, keeps fp32 parameters, gradients and running statistics, and
+    is as accurate against float64 as eager's autocast block."""
+    dtype = _autocast_dtype(device)
+    block = randomize_bn(torchvision_block(kind, True)).train()
+    ref = copy.deepcopy(block).double()
+    eager = copy.deepcopy(block).to(device)
+    model = fused(copy.deepcopy(block).to(device))
+    x0 = torch.randn(4, block.conv1.in_channels, 9, 7, device=device)
+    x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    x_ref = x0.double().cpu().requires_grad_()
+    with torch.autocast(device.type, dtype=dtype):
+        before = conv_kernels.launch_count()
+        out = model(x)
+        n_convs = (3 if kind == "basic" else 4)  # with the downsample
+        assert conv_kernels.launch_count() - before == n_convs  # the fused training path ran
+        out_eager = eager(x_eager)
+    out_ref = ref(x_ref)
+    assert out.dtype == out_eager.dtype == dtype
+    grad = kink_free_grad(out_ref, dtype)
+    out.backward(grad.to(device=device, dtype=dtype))
+    out_eager.backward(grad.to(device=device, dtype=dtype))
+    out_ref.backward(grad)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    cases = [("output", out, out_eager, out_ref), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
+    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
+              zip(model.named_parameters(), eager.parameters(), ref.parameters())]
+    cases += [(n, b, e, c) for (n, b), e, c in
+              zip(model.named_buffers(), eager.buffers(), ref.buffers())]
+    assert_as_accurate_as_eager(cases, dtype)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_autocast_eval_folds_into_the_autocast_dtype(kind, device):
+    """Eval under autocast: the input and the folded weights are cast to the autocast dtype,
+    the output has eager's dtype, and the error is eager autocast's."""
+    dtype = _autocast_dtype(device)
+    block = randomize_bn(torchvision_block(kind, True)).eval()
+    ref = copy.deepcopy(block).double()
+    eager = copy.deepcopy(block).to(device)
+    model = fused(copy.deepcopy(block).to(device))
+    x = torch.randn(2, block.conv1.in_channels, 9, 7, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        out, out_eager = model(x), eager(x)
+    out_ref = ref(x.double().cpu())
+    assert out.dtype == out_eager.dtype == dtype
+    assert relative_error(out, out_ref) <= max(4 * relative_error(out_eager, out_ref), 2 ** -8)
+
+
+# ---- DistributedDataParallel -------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial weights on every rank
+        ref = _TinyResNet().train()
+        model = fastres.optimize(copy.deepcopy(ref))
+        ddp_models = [nn.parallel.DistributedDataParallel(m) for m in (model, ref)]
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref)]
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+        losses = [[], []]
+        for _ in range(4):
+            data = torch.randn(4, 3, 8, 8, generator=gen)
+            target = torch.randint(0, 4, (4,), generator=gen)
+            for m, opt, log in zip(ddp_models, opts, losses):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(m(data), target)
+                loss.backward()
+                opt.step()
+                log.append(loss.item())
+        torch.save({"losses": losses, "fused": model.state_dict(), "ref": ref.state_dict(),
+                    "kernel_launches": conv_kernels.launch_count()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_distributed_data_parallel_gloo_two_processes(tmp_path):
+    """Two processes, gloo, each training on its own data shard: the fused model's gradients
+    all-reduce like the unfused one's, so both ranks end with identical weights that track the
+    unfused DDP model's."""
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for res in results:
+        assert res["kernel_launches"] > 0 or not USES_KERNELS  # the fused blocks ran
+        fused_losses, ref_losses = res["losses"]
+        assert max(abs(a - b) for a, b in zip(fused_losses, ref_losses)) < 1e-3
+        for name, value in res["fused"].items():
+            _assert_close_scaled(value.float(), res["ref"][name].float(), 1e-3, name)
+    for name, value in results[0]["fused"].items():
+        if "running" in name or "num_batches" in name:
+            continue  # BN statistics are per-process (DDP broadcasts rank 0's before forwards)
+        assert torch.equal(value, results[1]["fused"][name]), name
