@@ -111,13 +111,20 @@ def run_case(benchmark, request, peaks, device):
     cuda_graph = bool(option(request.config, "--bench-cuda-graph", False))
 
     def run(*, level, case, module, provider, dtype_name, flops, traffic):
-        """Build `provider`'s version of `module`, time it on `case`'s inputs, record it."""
+        """Build `provider`'s version of `module`, time it on `case`'s inputs, record it.
+        Levels train_block / train_model time a training step (forward + backward)."""
         import providers
 
         dtype = DTYPES[dtype_name]
-        fn = providers.build(provider, module, level, dtype, device)
+        train = level.startswith("train")
+        if train:
+            fn = providers.build_train(provider, module, level, dtype, device)
+        else:
+            fn = providers.build(provider, module, level, dtype, device)
 
         def make_inputs():
+            if train:
+                return providers.train_inputs(level, case, dtype, device, provider)
             return providers.inputs_for(level, module, case, dtype, device, provider)
 
         first = make_inputs()
@@ -128,7 +135,7 @@ def run_case(benchmark, request, peaks, device):
         def call():
             return fn(*next(sets))
 
-        with torch.inference_mode():
+        with torch.inference_mode(not train):
             call()  # compile / autotune / fold before anything is timed
             if ON_GPU:
                 if cuda_graph:
@@ -145,7 +152,9 @@ def run_case(benchmark, request, peaks, device):
             else:
                 benchmark.pedantic(call, rounds=5, warmup_rounds=1)
                 median_ms = benchmark.stats.stats.median * 1e3
-                timing = "CPU wall clock, median (fastres: folded torch path, not the Triton kernels)"
+                timing = ("CPU wall clock, median (fastres: train mode runs the unfused blocks "
+                          "on the CPU)" if train else
+                          "CPU wall clock, median (fastres: folded torch path, not the Triton kernels)")
         peak_flops = peaks.get(dtype_name, peaks["float32"])
         floor_ms = max(flops / peak_flops, traffic / peaks["bytes_per_s"]) * 1e3
         benchmark.extra_info.update(
@@ -177,10 +186,17 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 def pytest_generate_tests(metafunc):
     """Parametrize the suites from the options (and the GPU/CPU defaults)."""
     from cases import MODEL_NAMES, ModelCase, block_cases, layer_cases
-    from providers import COMPILED, PROVIDERS
+    from providers import COMPILED, PROVIDERS, TRAIN_PROVIDERS
 
     cfg, names = metafunc.config, metafunc.fixturenames
     quick = bool(option(cfg, "--bench-quick", False))
+    if "train_provider" in names:
+        default = [p for p in TRAIN_PROVIDERS if ON_GPU or p not in COMPILED]
+        if quick:  # the quick set compares fastres with eager channels_last only
+            default = ["eager_cl", "fastres"]
+        chosen = [p for p in selected(cfg, "--bench-providers", default, default)
+                  if p in TRAIN_PROVIDERS]  # eager_folded & co. have no training step
+        metafunc.parametrize("train_provider", chosen)
     if "provider" in names:
         default = [p for p in PROVIDERS if ON_GPU or p not in COMPILED]
         if quick:
@@ -204,6 +220,15 @@ def pytest_generate_tests(metafunc):
         cases = [c for m in models for c in block_cases(m, batch)]
         cases = cases if ON_GPU else cases[:1]
         metafunc.parametrize("block_case", cases, ids=[c.name for c in cases])
+    if "train_block_case" in names:
+        cases = [c for m in models for c in block_cases(m, batch)]
+        cases = cases if ON_GPU else cases[:1]
+        metafunc.parametrize("train_block_case", cases, ids=[c.name for c in cases])
+    if "train_model_case" in names:
+        # The issue's target: a resnet50 training step at batch 256 (CPU: batch 2, resnet18).
+        batches = selected(cfg, "--bench-batches", ["256"], ["2"])
+        cases = [ModelCase(m, int(b)) for m in models for b in batches]
+        metafunc.parametrize("train_model_case", cases, ids=[c.name for c in cases])
     if "model_case" in names:
         batches = selected(cfg, "--bench-batches", ["256"] if quick else ["1", "32", "256"], ["1"])
         cases = [ModelCase(m, int(b)) for m in models for b in batches]

@@ -11,7 +11,7 @@
 #                one config per shape class, so hundreds of tiny test shapes are not autotuned)
 #   demo.log     python -m fastres demo: resnet50 converted, checked, launches, timings
 #   gate.log     the timing-free perf-regression gate
-#   bench/       python -m fastres bench --quick --level layer,model: raw.json, results.json,
+#   bench/       python -m fastres bench --quick --level layer,model,train: raw.json, results.json,
 #                results.csv, speedup.png (bench.log: its table)
 #   timing_gate.log   the GPU half of the gate against benchmarks/baselines/<gpu>.json, when
 #                that baseline exists (otherwise bless bench/results.json after reviewing it)
@@ -40,7 +40,7 @@ if [ "$mode" = "--smoke" ]; then
 else
     test_args=(tests)
     demo_args=()
-    bench_args=(--quick --level layer,model)
+    bench_args=(--quick --level layer,model,train)
     limit_tests=200 limit_demo=60 budget=470
 fi
 started=$(date +%s)

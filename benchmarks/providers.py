@@ -7,6 +7,11 @@ compile / compile_max_autotune   torch.compile of the unfused module (default / 
                            channels_last
 fastres                    fastres's fused kernels (the functional op for a layer, the fused block,
                            or fastres.optimize() for a model), channels_last
+
+Training steps (level train_block / train_model): forward + backward of the module in train mode
+(batch-statistics BN), gradients set to None first. Weights stay fp32; float16/bfloat16 mean
+torch.autocast to that dtype (AMP), float32 means plain fp32. Providers: eager_nchw, eager_cl,
+compile (torch.compile of the unfused module, channels_last) and fastres.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from fastres.modules import FusedBasicBlock, FusedBottleneck
 from fastres.ops import execution_plan
 
 PROVIDERS = ("eager_nchw", "eager_cl", "eager_folded", "compile", "compile_max_autotune", "fastres")
+TRAIN_PROVIDERS = ("eager_nchw", "eager_cl", "compile", "fastres")
 COMPILED = ("compile", "compile_max_autotune")
 
 
@@ -84,3 +90,42 @@ def inputs_for(level: str, module: nn.Module, case, dtype, device, provider) -> 
     C, H = (3, 224) if level == "model" else (case.C, case.H)
     x = torch.randn(case.N, C, H, H, dtype=dtype, device=device)
     return (x.contiguous(memory_format=fmt),)
+
+
+def build_train(provider: str, module: nn.Module, level: str, dtype: torch.dtype,
+                device: torch.device) -> Callable:
+    """A training step for `provider` on a private copy of `module` (fp32 weights, train mode):
+    step(x) runs forward (under autocast unless dtype is float32) and backward of a scalar loss."""
+    m = copy.deepcopy(module).train().to(device=device, memory_format=memory_format(provider))
+    params = list(m.parameters())
+    if provider == "fastres":
+        if level == "train_block":
+            cls = FusedBottleneck if hasattr(m, "conv3") else FusedBasicBlock
+            m = cls.from_block(m)
+        else:
+            m = fastres.optimize(m)
+    elif provider == "compile":
+        m = torch.compile(m)
+    elif provider not in ("eager_nchw", "eager_cl"):
+        raise ValueError(f"unknown training provider {provider!r}")
+    amp = dtype != torch.float32
+
+    def step(x):
+        for p in params:
+            p.grad = None
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            out = m(x)
+        out.float().square().mean().backward()
+        return out
+
+    return step
+
+
+def train_inputs(level: str, case, dtype, device, provider) -> Tuple[torch.Tensor, ...]:
+    """Model: fp32 images (autocast casts them). Block: the activation a block receives inside
+    an AMP network (the autocast dtype), requiring grad as every block input but the image does."""
+    fmt = memory_format(provider)
+    if level == "train_model":
+        return (torch.randn(case.N, 3, 224, 224, device=device).contiguous(memory_format=fmt),)
+    x = torch.randn(case.N, case.C, case.H, case.W, device=device, dtype=dtype)
+    return (x.contiguous(memory_format=fmt).requires_grad_(),)

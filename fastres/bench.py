@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVEL_FILES = {"layer": "test_layers.py", "block": "test_blocks.py", "model": "test_models.py"}
+LEVEL_FILES = {"layer": "test_layers.py", "block": "test_blocks.py", "model": "test_models.py",
+               "train": "test_train.py"}
 PROVIDER_ORDER = ("eager_nchw", "eager_cl", "eager_folded", "compile", "compile_max_autotune", "fastres")
 
 
@@ -91,7 +92,7 @@ def rows_from_raw(raw: dict) -> List[Dict]:
 
 def format_table(rows: List[Dict]) -> str:
     present = [p for p in PROVIDER_ORDER if any(f"{p}_ms" in r for r in rows)]
-    head = f"{'level':<6} {'case':<44} {'dtype':<8} " + " ".join(f"{p[:12]:>12}" for p in present) \
+    head = f"{'level':<11} {'case':<44} {'dtype':<8} " + " ".join(f"{p[:12]:>12}" for p in present) \
         + f" {'vs eager_cl':>11} {'vs best':>8} {'roofline':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -99,7 +100,7 @@ def format_table(rows: List[Dict]) -> str:
         vs_cl = f"{r['speedup_vs_eager_cl']:10.2f}x" if "speedup_vs_eager_cl" in r else f"{'-':>11}"
         vs_best = f"{r['speedup_vs_best_other']:7.2f}x" if "speedup_vs_best_other" in r else f"{'-':>8}"
         roof = f"{100 * r['fastres_roofline_fraction']:7.1f}%" if "fastres_roofline_fraction" in r else f"{'-':>8}"
-        lines.append(f"{r['level']:<6} {r['case'][:44]:<44} {r['dtype']:<8} {cells} {vs_cl} {vs_best} {roof}")
+        lines.append(f"{r['level']:<11} {r['case'][:44]:<44} {r['dtype']:<8} {cells} {vs_cl} {vs_best} {roof}")
     lines.append("(times: median ms per call; vs: fastres speedup; roofline: fastres's fraction of "
                  "max(FLOP floor, byte floor) at the peaks measured in this run)")
     return "\n".join(lines)

@@ -409,12 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pytest-benchmark suites (benchmarks/) for the chosen levels and "
                     "options, print a table and write raw.json, results.json, results.csv and "
                     "speedup.png to --out. Without a GPU a small labelled CPU subset runs.")
-    bench_parser.add_argument("--level", default="layer,block,model",
-                              help="comma list of layer, block, model (default: all)")
+    bench_parser.add_argument("--level", default="layer,block,model,train",
+                              help="comma list of layer, block, model, train (training steps of "
+                                   "blocks and models; default: all)")
     bench_parser.add_argument("--models", help="comma list (default: resnet18,resnet50)")
     bench_parser.add_argument("--dtypes", help="comma list of float16,bfloat16,float32")
     bench_parser.add_argument("--providers", help="comma list (default: all)")
-    bench_parser.add_argument("--batches", help="model-level batches (default: 1,32,256)")
+    bench_parser.add_argument("--batches", help="model-level batches (default: 1,32,256; "
+                                                "training: 256)")
     bench_parser.add_argument("--quick", action="store_true",
                               help="the quick set (fp16, resnet50, batch 256, no max-autotune)")
     bench_parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays")
@@ -440,7 +442,7 @@ def _bench(args: argparse.Namespace) -> int:
     levels = [level.strip() for level in args.level.split(",") if level.strip()]
     unknown = set(levels) - set(bench.LEVEL_FILES)
     if unknown:
-        print(f"bench: unknown level(s) {sorted(unknown)}; choose from layer, block, model")
+        print(f"bench: unknown level(s) {sorted(unknown)}; choose from layer, block, model, train")
         return 2
     extra = []
     for flag, value in (("--bench-models", args.models), ("--bench-dtypes", args.dtypes),

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_writes_table_json_csv_and_plot(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the suites time the CPU torch path, not the interpreter
-    run = subprocess.run([sys.executable, "-m", "fastres", "bench", "--level", "layer,model",
+    run = subprocess.run([sys.executable, "-m", "fastres", "bench", "--level", "layer,model,train",
                           "--providers", "eager_cl,eager_folded,fastres", "--out", str(tmp_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -20,7 +20,7 @@ def test_bench_writes_table_json_csv_and_plot(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["environment"]["device"] == "cpu"
     rows = results["rows"]
-    assert {r["level"] for r in rows} == {"layer", "model"}
+    assert {r["level"] for r in rows} == {"layer", "model", "train_block", "train_model"}
     for r in rows:
         assert r["speedup_vs_eager_cl"] > 0 and 0 < r["fastres_roofline_fraction"]
         assert r["best_other"] in ("eager_cl", "eager_folded")

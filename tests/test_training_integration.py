@@ -176,3 +176,46 @@ def test_distributed_data_parallel_gloo_two_processes(tmp_path):
         if "running" in name or "num_batches" in name:
             continue  # BN statistics are per-process (DDP broadcasts rank 0's before forwards)
         assert torch.equal(value, results[1]["fused"][name]), name
+
+
+# ---- launches per training step -----------------------------------------------------------------
+
+class _CountingKernel:
+    """Stands in for a @triton.jit kernel and counts its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.skipif(not USES_KERNELS, reason="counts the Triton launches")
+@pytest.mark.parametrize("kind, downsample, forward, backward", [
+    ("basic", False, 5, 7), ("basic", True, 7, 7), ("bottleneck", False, 7, 11),
+    ("bottleneck", True, 9, 11)])
+def test_triton_launches_per_training_step(kind, downsample, forward, backward, device,
+                                           monkeypatch):
+    """Forward: one stats conv per conv, one BN finalize per BN, one elementwise tail. Backward:
+    three BN+ReLU launches per BN (the last BN and the downsample's share theirs) and one
+    activation recompute per inner stage; the conv gradients are aten convolution_backward
+    calls (cuDNN on a GPU) and not counted here."""
+    from fastres.kernels import bn_act, bn_backward, bn_stats
+    counters = []
+    for module, name in ((bn_act, "bn_act_kernel"), (bn_stats, "bn_finalize_kernel"),
+                         (bn_backward, "bn_backward_reduce_kernel"),
+                         (bn_backward, "bn_backward_finalize_kernel"),
+                         (bn_backward, "bn_backward_apply_kernel")):
+        counter = _CountingKernel(getattr(module, name))
+        monkeypatch.setattr(module, name, counter)
+        counters.append(counter)
+    model = fused(randomize_bn(torchvision_block(kind, downsample)).to(device).train())
+    x = torch.randn(2, model.conv1.in_channels, 6, 6, device=device, requires_grad=True)
+    convs_before = conv_kernels.launch_count()
+    out = model(x)
+    launched = conv_kernels.launch_count() - convs_before + sum(c.launches for c in counters)
+    assert launched == forward
+    out.sum().backward()
+    assert conv_kernels.launch_count() - convs_before + sum(c.launches for c in counters) \
+        == forward + backward
