@@ -6,7 +6,8 @@
   so state_dicts load both ways with strict=True); eval forward = 2 / 3 kernel launches, the
   downsample conv1x1+BN (if any) reduced into the last conv's accumulator.
 * FusedConv2d / FoldedBatchNorm2d / FoldedReLU: what fastres.optimize() puts in place of a
-  conv -> bn -> relu chain whose modules are separate attributes of a parent (the ResNet stem).
+  conv -> bn -> relu chain whose modules are separate attributes of a parent (the ResNet stem);
+  the conv applies BN and ReLU in both modes, the other two pass their input through.
   They share their parameter/buffer/child dicts with the modules they replace, so the state_dict
   is unchanged and fastres.restore() can hand the originals back in sync.
 
@@ -18,8 +19,10 @@ Which path runs is decided by the BatchNorms' own `training` flags, the single s
   statistics in the conv epilogues, BN + ReLU in the next conv's prologue, fused BN backward;
   running statistics updated exactly as nn.BatchNorm2d does. Where the kernels do not run (CPU
   without TRITON_INTERPRET), the block runs its unfused computation.
-* a mix of train and eval BNs in one block, and FusedConvBNReLU / FusedConv2d with a BN in
-  train mode -> exactly the unfused computation (running-stat updates included).
+* FusedConvBNReLU / FusedConv2d with its BN in train mode -> the same op for one conv -> BN
+  (-> ReLU) chain (fastres.training.chain_train).
+* a mix of train and eval BNs in one block -> exactly the unfused computation (running-stat
+  updates included).
 Under autocast, inputs and conv weights are cast to the autocast dtype as eager convolutions
 cast them; BN parameters and running statistics stay in their own dtype.
 Within the fused path, inputs the kernel does not handle fall back to the reference
@@ -107,6 +110,19 @@ def shortcut_unfusable_reason(ds: nn.Module, bn_reason=bn_unfusable_reason) -> O
         names = " + ".join(type(m).__name__ for m in mods) if mods else type(ds).__name__
         return f"shortcut is {names}, not a 1x1 conv + BatchNorm2d"
     return conv_unfusable_reason(mods[-2]) or bn_reason(mods[-1], mods[-2].out_channels)
+
+
+def _kernels_train(x: Tensor) -> bool:
+    """Whether the fused training op runs for x: the Triton kernels on x's device (CUDA, or the
+    CPU under TRITON_INTERPRET) and a dtype they take."""
+    return _fallback_reason(x) is None and backend_for(x) == "triton"
+
+
+def _chain_train(conv, bn, relu: bool, x: Tensor, named_convs) -> Tensor:
+    from fastres.training import chain_train  # training imports this module
+    x, unbatched = _prepare_input(x, named_convs)
+    out = chain_train(conv, bn, relu, x)
+    return out.squeeze(0) if unbatched else out
 
 
 def _fallback_reason(x: Tensor) -> Optional[str]:
@@ -223,9 +239,18 @@ class FusedConvBNReLU(nn.Sequential):
     def fallback_reason(self) -> Optional[str]:
         return conv_unfusable_reason(self[0]) or bn_unfusable_reason(self[1], self[0].out_channels)
 
+    @property
+    def train_fallback_reason(self) -> Optional[str]:
+        """Why a train-mode forward runs the unfused modules whatever the input (None: fused)."""
+        return conv_unfusable_reason(self[0]) or bn_train_unfusable_reason(self[1], self[0].out_channels)
+
     def forward(self, x: Tensor) -> Tensor:
         conv, bn, relu = self[0], self[1], len(self) > 2
-        if bn.training or self.fallback_reason or _fallback_reason(x):
+        if bn.training:
+            if self.train_fallback_reason or not _kernels_train(x):
+                return super().forward(x)
+            return _chain_train(conv, bn, relu, x, [("0", conv)])
+        if self.fallback_reason or _fallback_reason(x):
             return super().forward(x)
         x, unbatched = _prepare_input(x, [("0", conv)])
         eager_torch, fmt = execution_plan(x)
@@ -247,9 +272,10 @@ def _share_state(cls, original: nn.Module) -> nn.Module:
 
 
 class FusedConv2d(nn.Conv2d):
-    """An nn.Conv2d that, while its BatchNorm is in eval mode, also applies that BN (folded) and
-    optionally the following ReLU. Made by fastres.optimize(); the BN becomes a FoldedBatchNorm2d
-    and the ReLU a FoldedReLU, which pass their input through while the BN is in eval mode."""
+    """An nn.Conv2d that also applies the BatchNorm after it and optionally the following ReLU:
+    folded in eval mode, with batch statistics (fastres.training.chain_train) in train mode.
+    Made by fastres.optimize(); the BN becomes a FoldedBatchNorm2d and the ReLU a FoldedReLU,
+    which pass their input through."""
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, fuse_relu: bool) -> "FusedConv2d":
@@ -262,7 +288,13 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         bn = self._folded_bn
         if bn.training:
-            return super().forward(x)  # the BN module runs next, in train mode
+            if (conv_unfusable_reason(self, check_type=False)
+                    or bn_train_unfusable_reason(bn, self.out_channels) or not _kernels_train(x)):
+                # Exactly the unfused modules: nn.BatchNorm2d's own train-mode forward
+                # (running statistics, num_batches_tracked), then the ReLU.
+                out = nn.BatchNorm2d.forward(bn, super().forward(x))
+                return F.relu(out) if self._fuse_relu else out
+            return _chain_train(self, bn, self._fuse_relu, x, [("conv", self)])
         if conv_unfusable_reason(self, check_type=False) or _fallback_reason(x):
             out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
                                bn.bias, False, 0.0, bn.eps)
@@ -275,19 +307,19 @@ class FusedConv2d(nn.Conv2d):
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d folded into the preceding FusedConv2d: identity in eval mode (the conv
-    already applied it), an ordinary BatchNorm2d in train mode."""
+    """A BatchNorm2d fused into the preceding FusedConv2d: an identity, in either mode (the conv
+    applies it: folded in eval mode, with batch statistics in train mode)."""
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
         return _share_state(cls, bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) if self.training else x
+        return x
 
 
 class FoldedReLU(nn.ReLU):
-    """A ReLU fused into the preceding FusedConv2d: identity while that conv's BN is in eval mode."""
+    """A ReLU fused into the preceding FusedConv2d: an identity (the conv applies it)."""
 
     @classmethod
     def from_relu(cls, relu: nn.ReLU, bn: nn.BatchNorm2d) -> "FoldedReLU":
@@ -296,7 +328,7 @@ class FoldedReLU(nn.ReLU):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) if self._folded_bn.training else x
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +440,7 @@ class _FusedBlock(nn.Module):
         if any(training):
             # Train mode: the fused training op when every BN is in train mode (a mix of frozen
             # and training BNs runs unfused) and the kernels run on x's device.
-            if (not all(training) or self._train_reason(pairs) or _fallback_reason(x)
-                    or backend_for(x) != "triton"):
+            if not all(training) or self._train_reason(pairs) or not _kernels_train(x):
                 return self._unfused_forward(x)
             x, unbatched = _prepare_input(x, [(name, conv) for name, (conv, _) in
                                               zip(self._stages + ("downsample",), pairs)])

@@ -36,12 +36,15 @@ from torch import Tensor, nn
 from fastres import ops
 from fastres.kernels import conv as conv_kernels
 from fastres.kernels.bn_act import bn_act
-from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
-                                         bn_relu_backward)
+from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK,
+                                         BNGradInput, bn_relu_backward)
 from fastres.kernels.bn_stats import bn_finalize
 from fastres.modules import conv_padding
 
 GEOMETRY_INTS = 6  # per conv: stride (2), padding (2), dilation (2)
+# What the op adds before its final ReLU: nothing (a conv -> BN -> ReLU chain such as the stem),
+# the op's input (a block's identity shortcut), or the last conv's BN output (the downsample's).
+NO_SHORTCUT, IDENTITY, DOWNSAMPLE = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,15 +149,18 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
                       running_means: List[Tensor], running_vars: List[Tensor],
                       batches_tracked: List[Tensor], geometry: List[int],
                       eps: List[float], momentum: List[float], cumulative: List[bool],
-                      has_downsample: bool, fp32_precision: str) -> List[Tensor]:
-    """Returns [out, then per BN (stages in order, then the downsample's): raw conv outputs,
+                      shortcut: int, relu: bool, fp32_precision: str) -> List[Tensor]:
+    """conv -> BN (batch statistics) -> ReLU for every conv but the last (and, with DOWNSAMPLE,
+    the last weight's conv of x), then the last BN + shortcut (+ ReLU).
+
+    Returns [out, then per BN (stages in order, then the downsample's): raw conv outputs,
     batch means, invstds, scales, shifts, new running means, new running vars] (the last two
     empty for BNs without running statistics). Missing tensors are passed as empty ones."""
     conv_biases, bn_weights, bn_biases, running_means, running_vars, batches_tracked = map(
         _optional, (conv_biases, bn_weights, bn_biases, running_means, running_vars,
                     batches_tracked))
     n_bn = len(weights)
-    n = n_bn - int(has_downsample)
+    n = n_bn - int(shortcut == DOWNSAMPLE)
     kernels = _uses_kernels(x)
 
     def stage(inp, i, prologue=None):
@@ -176,17 +182,21 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
         else:
             h = _bn_relu_torch(y, scale, shift)
     y, scale, shift = results[-1][:3]
-    if has_downsample:
+    if shortcut == DOWNSAMPLE:
         rd = stage(x, n)
         results.append(rd)
         if kernels:
-            out = bn_act(y, scale, shift, residual=rd[0], residual_scale=rd[1], residual_shift=rd[2])
+            out = bn_act(y, scale, shift, residual=rd[0], residual_scale=rd[1],
+                         residual_shift=rd[2], relu=relu)
         else:
-            shortcut = rd[0].to(rd[1].dtype) * _channel(rd[1]) + _channel(rd[2])
-            out = _bn_relu_torch(y, scale, shift, residual=shortcut)
+            bn_ds = rd[0].to(rd[1].dtype) * _channel(rd[1]) + _channel(rd[2])
+            out = _bn_relu_torch(y, scale, shift, residual=bn_ds, relu=relu)
+    elif shortcut == IDENTITY:
+        out = bn_act(y, scale, shift, residual=x, relu=relu) if kernels else \
+            _bn_relu_torch(y, scale, shift, residual=x.to(scale.dtype), relu=relu)
     else:
-        out = bn_act(y, scale, shift, residual=x) if kernels else \
-            _bn_relu_torch(y, scale, shift, residual=x.to(scale.dtype))
+        out = bn_act(y, scale, shift, relu=relu) if kernels else \
+            _bn_relu_torch(y, scale, shift, relu=relu)
     # (Outputs of a custom op may not alias each other: one fresh empty tensor per missing one.)
     columns = [[r[0] for r in results], [r[3] for r in results], [r[4] for r in results],
                [r[1] for r in results], [r[2] for r in results],
@@ -202,14 +212,14 @@ _block_train_op = torch.library.custom_op("fastres::block_train", _block_train_i
 @_block_train_op.register_fake
 def _block_train_fake(x, weights, conv_biases, bn_weights, bn_biases, running_means,
                       running_vars, batches_tracked, geometry, eps, momentum, cumulative,
-                      has_downsample, fp32_precision):
+                      shortcut, relu, fp32_precision):
     n_bn = len(weights)
-    n = n_bn - int(has_downsample)
+    n = n_bn - int(shortcut == DOWNSAMPLE)
     ys, shape = [], tuple(x.shape)
     for i in range(n):
         shape = _conv_out_shape(shape, weights[i].shape, geometry, i)
         ys.append(ops._empty_output(x, shape))
-    if has_downsample:
+    if shortcut == DOWNSAMPLE:
         ys.append(ops._empty_output(x, _conv_out_shape(x.shape, weights[n].shape, geometry, n)))
     acc = _stat_dtype(x)
     per_channel = lambda: [x.new_empty(w.shape[0], dtype=acc) for w in weights]  # noqa: E731
@@ -250,12 +260,13 @@ def _bn_relu_grads_torch(grad, bn: BNGradInput, mask, mask_output=None, affine=N
 def _block_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weights: List[Tensor],
                          gammas: List[Tensor], ys: List[Tensor], means: List[Tensor],
                          invstds: List[Tensor], scales: List[Tensor], shifts: List[Tensor],
-                         geometry: List[int], has_conv_bias: List[bool], has_downsample: bool,
-                         needs_x: bool) -> List[Tensor]:
+                         geometry: List[int], has_conv_bias: List[bool], shortcut: int,
+                         relu: bool, needs_x: bool) -> List[Tensor]:
     """All of the block's gradients: [dx, dweight per conv, dbias per conv, dgamma per BN,
     dbeta per BN]; empty tensors for what does not exist (no conv bias, no BN affine, dx when
     not needed). dx/dweight/dbias in x's dtype, dgamma/dbeta in the statistics' dtype."""
     n_bn = len(weights)
+    has_downsample = shortcut == DOWNSAMPLE
     n = n_bn - int(has_downsample)
     gammas = _optional(gammas)
     kernels = _uses_kernels(x)
@@ -280,8 +291,9 @@ def _block_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weights: List[Ten
     dgamma, dbeta = [None] * n_bn, [None] * n_bn
     # The last stage's BN (and the downsample's BN, which sees the same gradient) + final ReLU.
     dy, dgamma[n - 1], dbeta[n - 1], dyd, dg_ds, db_ds, g_identity = bn_grads(
-        grad, bns[n - 1], MASK_FROM_OUTPUT, mask_output=out,
-        second=bns[n] if has_downsample else None, write_g=not has_downsample and needs_x)
+        grad, bns[n - 1], MASK_FROM_OUTPUT if relu else NO_MASK,
+        mask_output=out if relu else None, second=bns[n] if has_downsample else None,
+        write_g=shortcut == IDENTITY and needs_x)
     dx_shortcut = g_identity
     if has_downsample:
         dgamma[n], dbeta[n] = dg_ds, db_ds.clone()  # == dbeta[n - 1]; outputs may not alias
@@ -308,7 +320,7 @@ _block_backward_op = torch.library.custom_op("fastres::block_train_backward",
 
 @_block_backward_op.register_fake
 def _block_backward_fake(grad, x, out, weights, gammas, ys, means, invstds, scales, shifts,
-                         geometry, has_conv_bias, has_downsample, needs_x):
+                         geometry, has_conv_bias, shortcut, relu, needs_x):
     acc = _stat_dtype(x)
     affine_grads = lambda: [x.new_empty(w.shape[0], dtype=acc) if g.numel() else x.new_empty(0)  # noqa: E731
                             for w, g in zip(weights, gammas)]
@@ -320,9 +332,9 @@ def _block_backward_fake(grad, x, out, weights, gammas, ys, means, invstds, scal
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weights, conv_biases, bn_weights, _, _, _, _, geometry, _, _, _, has_downsample, _) = inputs
+    (x, weights, conv_biases, bn_weights, _, _, _, _, geometry, _, _, _, shortcut, relu, _) = inputs
     n_bn = len(weights)
-    ctx.n_bn, ctx.has_downsample, ctx.geometry = n_bn, has_downsample, list(geometry)
+    ctx.n_bn, ctx.shortcut, ctx.relu, ctx.geometry = n_bn, shortcut, relu, list(geometry)
     ctx.has_conv_bias = [b.numel() > 0 for b in conv_biases]
     ctx.needs_x = ctx.needs_input_grad[0]
     # output[0] is the block output: the final ReLU's mask, and the next block's input anyway.
@@ -337,7 +349,7 @@ def _backward(ctx, grads):
     per_bn = saved[2 + 2 * n_bn:]  # ys, means, invstds, scales, shifts
     ys, means, invstds, scales, shifts = (per_bn[j * n_bn:(j + 1) * n_bn] for j in range(5))
     res = _block_backward_op(grads[0], x, out, weights, gammas, ys, means, invstds, scales,
-                             shifts, ctx.geometry, ctx.has_conv_bias, ctx.has_downsample,
+                             shifts, ctx.geometry, ctx.has_conv_bias, ctx.shortcut, ctx.relu,
                              ctx.needs_x)
     dx, dw = res[0], res[1:1 + n_bn]
     db, dgamma, dbeta = (res[1 + n_bn * j:1 + n_bn * (j + 1)] for j in (1, 2, 3))
@@ -346,7 +358,7 @@ def _backward(ctx, grads):
     none = [None] * n_bn  # list inputs take a list of gradients (running stats: none)
     return (dx if ctx.needs_x else None, cast(dw, weights), cast(db, weights),
             cast(dgamma, gammas), cast(dbeta, gammas), none, none, none, None, None, None, None,
-            None, None)
+            None, None, None)
 
 
 _block_train_op.register_autograd(_backward, setup_context=_setup_context)
@@ -355,22 +367,15 @@ _block_train_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Module-level entry point
 
-def block_train(block: nn.Module, x: Tensor) -> Tensor:
-    """Training-mode forward of a torchvision-style ResNet block (every BN in train mode) through
-    the fused op: differentiable with respect to x and every conv/BN parameter; updates the BNs'
-    running statistics and num_batches_tracked exactly as the unfused block does.
-
-    Under autocast the convs run in the autocast dtype, as eager's do, with the BN parameters
-    and statistics kept in their own (fp32) dtype."""
-    pairs, ds = stage_modules(block)
-    if ds is not None:
-        pairs = pairs + [ds]
-    convs = [c for c, _ in pairs]
-    bns = [b for _, b in pairs]
+def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, shortcut: int,
+                  relu: bool) -> Tensor:
+    """Call fastres::block_train on these modules: cast for autocast, increment
+    num_batches_tracked, copy the returned running statistics into the BN buffers."""
     weights = [c.weight for c in convs]
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
+    if torch.is_autocast_enabled(device_type):
+        # As eager convolutions under autocast: input and weights in the autocast dtype (the
+        # cast is differentiable, so the fp32 master weights get the gradients).
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
         weights = [w.to(dtype) for w in weights]
@@ -390,7 +395,7 @@ def block_train(block: nn.Module, x: Tensor) -> Tensor:
             given(b.num_batches_tracked if t and b.momentum is None else None
                   for b, t in zip(bns, tracking)),
             geometry, [float(b.eps) for b in bns], [float(b.momentum or 0.0) for b in bns],
-            [b.momentum is None for b in bns], ds is not None, ops.get_fp32_precision())
+            [b.momentum is None for b in bns], shortcut, relu, ops.get_fp32_precision())
     with torch.autocast(device_type, enabled=False):
         results = _block_train_op(*args)
     n_bn = len(bns)
@@ -401,6 +406,27 @@ def block_train(block: nn.Module, x: Tensor) -> Tensor:
         with torch.no_grad():
             torch._foreach_copy_([t for t, _ in targets], [v for _, v in targets])
     return results[0]
+
+
+def block_train(block: nn.Module, x: Tensor) -> Tensor:
+    """Training-mode forward of a torchvision-style ResNet block (every BN in train mode) through
+    the fused op: differentiable with respect to x and every conv/BN parameter; updates the BNs'
+    running statistics and num_batches_tracked exactly as the unfused block does.
+
+    Under autocast the convs run in the autocast dtype, as eager's do, with the BN parameters
+    and statistics kept in their own (fp32) dtype."""
+    pairs, ds = stage_modules(block)
+    if ds is not None:
+        pairs = pairs + [ds]
+    return _run_train_op([c for c, _ in pairs], [b for _, b in pairs], x,
+                         DOWNSAMPLE if ds is not None else IDENTITY, True)
+
+
+def chain_train(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, x: Tensor) -> Tensor:
+    """relu?(bn(conv(x))) with the BN in train mode, through the same fused op (one stats conv,
+    one finalize, one elementwise pass; the fused BN + ReLU backward): the stem and every other
+    conv -> BN (-> ReLU) chain outside a block."""
+    return _run_train_op([conv], [bn], x, NO_SHORTCUT, relu)
 
 
 def block_train_forward(block: nn.Module, x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import fastres
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from fastres import FusedBasicBlock, FusedBottleneck
+from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager,
                      kink_free_grad, randomize_bn, to_format, torchvision_block)
 
@@ -57,6 +57,42 @@ def test_forward_backward_and_running_stats_match_unfused(kind, downsample, dtyp
     assert_as_accurate_as_eager(cases, dtype)
 
 
+# conv -> BN (-> ReLU) chains outside blocks: (C, K, kernel, stride, padding, relu). The first is
+# a stem (C=3, 7x7: the flattened reduction with the statistics epilogue).
+CHAINS = {"stem_7x7_s2": (3, 16, 7, 2, 3, True), "3x3_no_relu": (10, 12, 3, 1, 1, False)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_conv_bn_relu_chain_trains_fused(name, dtype, fmt, device):
+    """FusedConvBNReLU in train mode runs the training op (one conv -> BN -> ReLU stage) and is
+    as accurate as eager's Conv2d + BatchNorm2d + ReLU: output, gradients, running stats."""
+    from torchvision.ops.misc import Conv2dNormActivation
+    from fastres import FusedConvBNReLU
+    C, K, R, stride, padding, relu = CHAINS[name]
+    seq = randomize_bn(Conv2dNormActivation(C, K, R, stride, padding,
+                                            activation_layer=nn.ReLU if relu else None)).train()
+    ref = copy.deepcopy(seq).double()
+    eager = copy.deepcopy(seq).to(device=device, dtype=dtype, memory_format=fmt)
+    seq = seq.to(device=device, dtype=dtype, memory_format=fmt)
+    model = FusedConvBNReLU.from_modules(seq[0], seq[1], relu=relu)
+    x0 = to_format(torch.randn(3, C, 13, 11, device=device).to(dtype), fmt)
+    x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    x_ref = x0.detach().double().cpu().requires_grad_()
+    outs = (model(x), eager(x_eager), ref(x_ref))
+    assert "fastres_block_train" in outs[0].grad_fn.name()
+    grad = kink_free_grad(outs[2], dtype) if relu else torch.randn_like(outs[2])
+    for out, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
+        out.backward(g)
+    cases = [("output", outs[0], outs[1], outs[2]), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
+    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
+              zip(model.named_parameters(), eager.parameters(), ref.parameters())]
+    cases += [(n, b, e, c) for (n, b), e, c in
+              zip(model.named_buffers(), eager.buffers(), ref.buffers())]
+    assert_as_accurate_as_eager(cases, dtype)
+
+
 def test_gradient_accumulation(device):
     block = randomize_bn(torchvision_block("bottleneck", True)).train().to(device)
     ref = copy.deepcopy(block)
@@ -87,6 +123,7 @@ def test_tiny_resnet_trains_like_the_reference(device):
     ref = _TinyResNet().to(device).train()
     model = fastres.optimize(copy.deepcopy(ref))
     assert all(isinstance(b, FusedBasicBlock) for b in model.blocks)
+    assert isinstance(model.stem[0], FusedConv2d)  # the stem trains fused too
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     data = torch.randn(8, 3, 8, 8, device=device)
@@ -105,3 +142,22 @@ def test_tiny_resnet_trains_like_the_reference(device):
     assert losses[-1] < losses[0]  # it does learn
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         _assert_close_scaled(p, q, 1e-3, name)
+
+
+def test_without_kernels_a_whole_model_trains_exactly_like_eager(device, monkeypatch):
+    """Where the kernels do not run (the CPU torch path), an optimized model in train mode is
+    the original model, bit for bit: outputs, gradients, running statistics."""
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    ref = _TinyResNet().to(device).train()
+    model = fastres.optimize(copy.deepcopy(ref))
+    assert isinstance(model.stem[0], FusedConv2d)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    for _ in range(2):
+        out, want = model(x), ref(x)
+        assert torch.equal(out, want)
+        out.square().sum().backward()
+        want.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        assert torch.equal(b, c), name
