@@ -384,17 +384,21 @@ class _FusedBlock(nn.Module):
             pairs.append((ds[-2], ds[-1]))  # after any leading nn.Identity
         return pairs
 
-    def _static_reason(self, pairs) -> Optional[str]:
+    def _modules_reason(self, pairs, bn_reason) -> Optional[str]:
+        """The first conv, BN (judged by bn_reason) or shortcut the kernels cannot take."""
         ds = self._modules.get("downsample")
         if ds is not None:
-            reason = shortcut_unfusable_reason(ds)
+            reason = shortcut_unfusable_reason(ds, bn_reason)
             if reason:
                 return reason
         for conv, bn in pairs:
-            reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+            reason = conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
             if reason:
                 return reason
         return None
+
+    def _static_reason(self, pairs) -> Optional[str]:
+        return self._modules_reason(pairs, bn_unfusable_reason)
 
     @property
     def fallback_reason(self) -> Optional[str]:
@@ -411,15 +415,9 @@ class _FusedBlock(nn.Module):
 
     def _train_reason(self, pairs) -> Optional[str]:
         """Why a train-mode forward runs the unfused block (None: it runs fastres::block_train)."""
-        ds = self._modules.get("downsample")
-        if ds is not None:
-            reason = shortcut_unfusable_reason(ds, bn_train_unfusable_reason)
-            if reason:
-                return reason
-        for conv, bn in pairs:
-            reason = conv_unfusable_reason(conv) or bn_train_unfusable_reason(bn, conv.out_channels)
-            if reason:
-                return reason
+        reason = self._modules_reason(pairs, bn_train_unfusable_reason)
+        if reason:
+            return reason
         if self._original is not None:
             # A wrapped block's other children act in train mode too (timm's drop-path, drop-block,
             # anti-aliasing...): only ReLUs and identities are known to match the fused block.

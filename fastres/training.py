@@ -27,7 +27,7 @@ graph in plain torch ops with the same backward formula (this is what gradcheck 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +298,7 @@ def _block_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weights: List[Ten
     if has_downsample:
         dgamma[n], dbeta[n] = dg_ds, db_ds.clone()  # == dbeta[n - 1]; outputs may not alias
         dx_shortcut, dw[n], db[n] = conv_backward(dyd, x, n, needs_x)
+    g = None  # dL/d(input of the stage just done): the previous stage's ReLU output
     for i in reversed(range(n)):
         if i < n - 1:
             dy, dgamma[i], dbeta[i], *_ = bn_grads(g, bns[i], MASK_FROM_AFFINE,

@@ -56,6 +56,17 @@ def _masked_grad(g_ptr, g_off, src_ptr, off, y, scale, shift, mask, MASK: tl.con
 
 
 @triton.jit
+def _store_input_grad(g, y, mean_ptr, coef_ptr, dy_ptr, off, offs_c, mask_c, mask, C):
+    """dL/dy = a * g + b * (y - mean) + c, with the finalize's per-channel a, b, c."""
+    a = tl.load(coef_ptr + offs_c, mask=mask_c, other=0.0)
+    b = tl.load(coef_ptr + C + offs_c, mask=mask_c, other=0.0)
+    c = tl.load(coef_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    dy = a[None, :] * g + b[None, :] * (y - mean[None, :]) + c[None, :]
+    tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def bn_backward_reduce_kernel(g_ptr, gs_n, gs_hw, gs_c, src_ptr, y_ptr, mean_ptr, invstd_ptr,
                               scale_ptr, shift_ptr, y2_ptr, mean2_ptr, invstd2_ptr, partial_ptr,
                               M, C, HW, s_n, s_hw, s_c, rows_per_program,
@@ -97,6 +108,20 @@ def bn_backward_reduce_kernel(g_ptr, gs_n, gs_hw, gs_c, src_ptr, y_ptr, mean_ptr
 
 
 @triton.jit
+def _store_coefficients(s_g, s_gx, Mf, invstd_ptr, gamma_ptr, dgamma_ptr, coef_ptr, offs_c, mask_c,
+                        C, HAS_GAMMA: tl.constexpr):
+    """dgamma, and the a, b, c of dL/dy = a * g + b * (y - mean) + c for one BN."""
+    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+    a = invstd
+    if HAS_GAMMA:
+        a = a * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(dgamma_ptr + offs_c, s_gx, mask=mask_c)
+    tl.store(coef_ptr + offs_c, a, mask=mask_c)
+    tl.store(coef_ptr + C + offs_c, -a * invstd * s_gx / Mf, mask=mask_c)
+    tl.store(coef_ptr + 2 * C + offs_c, -a * s_g / Mf, mask=mask_c)
+
+
+@triton.jit
 def bn_backward_finalize_kernel(partial_ptr, n_partials, M, C, invstd_ptr, gamma_ptr,
                                 invstd2_ptr, gamma2_ptr, dgamma_ptr, dbeta_ptr, coef_ptr,
                                 dgamma2_ptr, coef2_ptr,
@@ -116,24 +141,12 @@ def bn_backward_finalize_kernel(partial_ptr, n_partials, M, C, invstd_ptr, gamma
         s_gx += tl.sum(tl.load(base + C, mask=m, other=0.0), axis=0)
         s_gx2 += tl.sum(tl.load(base + 2 * C, mask=m, other=0.0), axis=0)
     Mf = M.to(tl.float32)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    a = invstd
-    if HAS_GAMMA:
-        a = a * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     tl.store(dbeta_ptr + offs_c, s_g, mask=mask_c)
-    tl.store(dgamma_ptr + offs_c, s_gx, mask=mask_c)
-    tl.store(coef_ptr + offs_c, a, mask=mask_c)
-    tl.store(coef_ptr + C + offs_c, -a * invstd * s_gx / Mf, mask=mask_c)
-    tl.store(coef_ptr + 2 * C + offs_c, -a * s_g / Mf, mask=mask_c)
+    _store_coefficients(s_g, s_gx, Mf, invstd_ptr, gamma_ptr, dgamma_ptr, coef_ptr, offs_c,
+                        mask_c, C, HAS_GAMMA)
     if HAS_SECOND:
-        invstd2 = tl.load(invstd2_ptr + offs_c, mask=mask_c, other=0.0)
-        a2 = invstd2
-        if HAS_GAMMA2:
-            a2 = a2 * tl.load(gamma2_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        tl.store(dgamma2_ptr + offs_c, s_gx2, mask=mask_c)
-        tl.store(coef2_ptr + offs_c, a2, mask=mask_c)
-        tl.store(coef2_ptr + C + offs_c, -a2 * invstd2 * s_gx2 / Mf, mask=mask_c)
-        tl.store(coef2_ptr + 2 * C + offs_c, -a2 * s_g / Mf, mask=mask_c)
+        _store_coefficients(s_g, s_gx2, Mf, invstd2_ptr, gamma2_ptr, dgamma2_ptr, coef2_ptr,
+                            offs_c, mask_c, C, HAS_GAMMA2)
 
 
 @triton.jit
@@ -154,20 +167,10 @@ def bn_backward_apply_kernel(g_ptr, gs_n, gs_hw, gs_c, src_ptr, y_ptr, mean_ptr,
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     g = _masked_grad(g_ptr, g_off, src_ptr, off, y, scale, shift, mask, MASK)
-    a = tl.load(coef_ptr + offs_c, mask=mask_c, other=0.0)
-    b = tl.load(coef_ptr + C + offs_c, mask=mask_c, other=0.0)
-    c = tl.load(coef_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    dy = a[None, :] * g + b[None, :] * (y - mean[None, :]) + c[None, :]
-    tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    _store_input_grad(g, y, mean_ptr, coef_ptr, dy_ptr, off, offs_c, mask_c, mask, C)
     if HAS_SECOND:
         y2 = tl.load(y2_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        a2 = tl.load(coef2_ptr + offs_c, mask=mask_c, other=0.0)
-        b2 = tl.load(coef2_ptr + C + offs_c, mask=mask_c, other=0.0)
-        c2 = tl.load(coef2_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
-        mean2 = tl.load(mean2_ptr + offs_c, mask=mask_c, other=0.0)
-        dy2 = a2[None, :] * g + b2[None, :] * (y2 - mean2[None, :]) + c2[None, :]
-        tl.store(dy2_ptr + off, dy2.to(dy2_ptr.dtype.element_ty), mask=mask)
+        _store_input_grad(g, y2, mean2_ptr, coef2_ptr, dy2_ptr, off, offs_c, mask_c, mask, C)
     if WRITE_G:
         tl.store(gout_ptr + off, g.to(gout_ptr.dtype.element_ty), mask=mask)
 

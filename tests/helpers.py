@@ -117,6 +117,20 @@ def assert_as_accurate_as_eager(cases, dtype):
         assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {relative_error(eager_got, want):.3g})"
 
 
+def assert_step_as_accurate_as_eager(models, outs, inputs, dtype, buffers: bool = True):
+    """After a forward + backward of (fastres model, eager model in dtype, float64 model):
+    output, input gradient, every parameter gradient and (buffers=True) every buffer of the
+    fastres model within 4x eager's relative error against float64 (assert_as_accurate_as_eager)."""
+    model, eager, ref = models
+    cases = [("output", *outs), ("input grad", *(x.grad for x in inputs))]
+    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
+              zip(model.named_parameters(), eager.parameters(), ref.parameters())]
+    if buffers:
+        cases += [(n, b, e, c) for (n, b), e, c in
+                  zip(model.named_buffers(), eager.buffers(), ref.buffers())]
+    assert_as_accurate_as_eager(cases, dtype)
+
+
 def torchvision_block(kind: str, downsample: bool, **bn_kwargs) -> nn.Module:
     """A small torchvision BasicBlock ("basic") or Bottleneck, stride 2 with a downsample or
     stride 1 without; bn_kwargs go to every BatchNorm2d."""

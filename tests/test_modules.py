@@ -9,8 +9,9 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fastres.kernels import conv as conv_kernels
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager, assert_close,
-                     conv_reduction, is_format, kink_free_grad, randomize_bn, to_format)
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_close,
+                     assert_step_as_accurate_as_eager, conv_reduction, is_format, kink_free_grad,
+                     randomize_bn, to_format)
 
 USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
 
@@ -220,10 +221,8 @@ def test_frozen_bn_training_runs_fused_and_differentiates(kind, dtype, fmt, devi
     grad = kink_free_grad(outs[2], dtype)
     for o, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
         o.backward(g)
-    cases = [("output", outs[0], outs[1], outs[2]), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
-    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
-              zip(block.named_parameters(), eager.parameters(), ref.parameters())]
-    assert_as_accurate_as_eager(cases, dtype)
+    assert_step_as_accurate_as_eager((block, eager, ref), outs, (x, x_eager, x_ref), dtype,
+                                     buffers=False)
     assert all(torch.equal(b, c) for b, c in zip(block.buffers(), buffers))  # eval: no BN update
 
 

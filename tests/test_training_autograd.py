@@ -11,8 +11,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_as_accurate_as_eager,
-                     kink_free_grad, randomize_bn, to_format, torchvision_block)
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF,
+                     assert_step_as_accurate_as_eager, kink_free_grad, randomize_bn, to_format,
+                     torchvision_block)
 
 
 def fused(block: nn.Module) -> nn.Module:
@@ -49,12 +50,7 @@ def test_forward_backward_and_running_stats_match_unfused(kind, downsample, dtyp
     grad = kink_free_grad(outs[2], dtype)
     for out, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
         out.backward(g)
-    cases = [("output", outs[0], outs[1], outs[2]), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
-    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
-              zip(block.named_parameters(), eager.parameters(), ref.parameters())]
-    cases += [(n, b, e, c) for (n, b), e, c in
-              zip(block.named_buffers(), eager.buffers(), ref.buffers())]
-    assert_as_accurate_as_eager(cases, dtype)
+    assert_step_as_accurate_as_eager((block, eager, ref), outs, (x, x_eager, x_ref), dtype)
 
 
 # conv -> BN (-> ReLU) chains outside blocks: (C, K, kernel, stride, padding, relu). The first is
@@ -85,12 +81,7 @@ def test_conv_bn_relu_chain_trains_fused(name, dtype, fmt, device):
     grad = kink_free_grad(outs[2], dtype) if relu else torch.randn_like(outs[2])
     for out, g in zip(outs, (grad.to(device=device, dtype=dtype),) * 2 + (grad,)):
         out.backward(g)
-    cases = [("output", outs[0], outs[1], outs[2]), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
-    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
-              zip(model.named_parameters(), eager.parameters(), ref.parameters())]
-    cases += [(n, b, e, c) for (n, b), e, c in
-              zip(model.named_buffers(), eager.buffers(), ref.buffers())]
-    assert_as_accurate_as_eager(cases, dtype)
+    assert_step_as_accurate_as_eager((model, eager, ref), outs, (x, x_eager, x_ref), dtype)
 
 
 def test_gradient_accumulation(device):

@@ -14,8 +14,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import fastres
 from fastres.kernels import conv as conv_kernels
 from fastres.training import block_train
-from helpers import (assert_as_accurate_as_eager, kink_free_grad, randomize_bn, relative_error,
-                     torchvision_block)
+from helpers import (assert_step_as_accurate_as_eager, kink_free_grad, randomize_bn,
+                     relative_error, torchvision_block)
 from test_training_autograd import _TinyResNet, _assert_close_scaled, fused
 
 USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
@@ -98,12 +98,8 @@ def test_autocast_training_is_as_accurate_as_eager_autocast(kind, device):
     out_eager.backward(grad.to(device=device, dtype=dtype))
     out_ref.backward(grad)
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-    cases = [("output", out, out_eager, out_ref), ("input grad", x.grad, x_eager.grad, x_ref.grad)]
-    cases += [(f"{n}.grad", p.grad, e.grad, q.grad) for (n, p), e, q in
-              zip(model.named_parameters(), eager.parameters(), ref.parameters())]
-    cases += [(n, b, e, c) for (n, b), e, c in
-              zip(model.named_buffers(), eager.buffers(), ref.buffers())]
-    assert_as_accurate_as_eager(cases, dtype)
+    assert_step_as_accurate_as_eager((model, eager, ref), (out, out_eager, out_ref),
+                                     (x, x_eager, x_ref), dtype)
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
