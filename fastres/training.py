@@ -19,8 +19,8 @@ post-BN activations between stages are recomputed with one elementwise pass each
 `fastres::block_train` is a torch.library.custom_op with a fake implementation and a registered
 autograd formula, so the fused training block also runs under torch.compile. Custom ops must be
 functional to be differentiable: the op returns the new running statistics and block_train()
-copies them into the BN buffers (one foreach launch per block), after incrementing
-num_batches_tracked (one more), exactly as nn.BatchNorm2d does.
+copies them into the BN buffers (one foreach launch per block) and increments
+num_batches_tracked (one more), ending in nn.BatchNorm2d's exact state.
 
 Float64 and CPU tensors without the interpreter run the op's torch implementation: the same
 graph in plain torch ops with the same backward formula (this is what gradcheck checks).
@@ -85,18 +85,63 @@ def _uses_kernels(x: Tensor) -> bool:
 # The op's forward
 
 def _conv_out_shape(x_shape, w_shape, geometry, i):
+    """The stage's conv output shape; like nn.BatchNorm2d in training, refuses to normalise a
+    single value per channel (its batch variance would be 0)."""
     stride, padding, dilation = _unpack_geometry(geometry, i)
     N, _, H, W = x_shape
     K, _, R, S = w_shape
-    return (N, K, ops._output_size(H, R, stride[0], padding[0], dilation[0]),
-            ops._output_size(W, S, stride[1], padding[1], dilation[1]))
+    shape = (N, K, ops._output_size(H, R, stride[0], padding[0], dilation[0]),
+             ops._output_size(W, S, stride[1], padding[1], dilation[1]))
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"fastres: input {H}x{W} is too small for conv {i}'s {R}x{S} kernel")
+    if N * shape[2] * shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{list(shape)}")
+    return shape
+
+
+def _planned_shapes(x: Tensor, weights: List[Tensor], per_bn: List[List[Optional[Tensor]]],
+                    geometry: List[int], shortcut: int) -> List[tuple]:
+    """Validate the op's arguments (the kernels trust them) and return every conv's output shape:
+    stages in order, then the downsample's."""
+    if x.dim() != 4:
+        raise ValueError(f"fastres: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in ops.SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"fastres: input dtype {x.dtype} is not supported")
+    n = len(weights) - int(shortcut == DOWNSAMPLE)
+    if n < 1 or len(geometry) != GEOMETRY_INTS * len(weights):
+        raise ValueError("fastres: the training op needs one geometry entry per conv, at least one stage")
+    shapes, shape = [], tuple(x.shape)
+    for i, w in enumerate(weights):
+        in_shape = tuple(x.shape) if i == n else shape  # the downsample conv reads x
+        if w.dim() != 4 or w.dtype != x.dtype or w.device != x.device:
+            raise TypeError(f"fastres: conv {i}'s weight must be a 4-D {x.dtype} tensor on "
+                            f"{x.device}, got {w.dtype} {tuple(w.shape)} on {w.device}")
+        if w.shape[1] != in_shape[1]:
+            raise ValueError(f"fastres: conv {i} expects {w.shape[1]} input channels, its input "
+                             f"has {in_shape[1]} (grouped convolutions are not supported)")
+        out = _conv_out_shape(in_shape, w.shape, geometry, i)
+        for t in per_bn[i]:
+            if t is not None and (t.numel() != out[1] or t.device != x.device):
+                raise ValueError(f"fastres: BN {i} has tensors of {t.numel()} channels on "
+                                 f"{t.device}, its conv has {out[1]} outputs on {x.device}")
+        shapes.append(out)
+        if i < n:
+            shape = out
+    if shortcut == IDENTITY and tuple(x.shape) != shapes[n - 1]:
+        raise ValueError(f"fastres: identity shortcut of shape {tuple(x.shape)} cannot be added "
+                         f"to the block output {shapes[n - 1]}")
+    if shortcut == DOWNSAMPLE and shapes[n] != shapes[n - 1]:
+        raise ValueError(f"fastres: downsample output {shapes[n]} does not match the block "
+                         f"output {shapes[n - 1]}")
+    return shapes
 
 
 def _conv_with_stats_kernel(x, weight, bias, geometry, i, bn_args, fp32_precision, prologue=None):
     """Raw conv output (prologue applied to x on load) and the BN finalize on its batch
     statistics: (y, scale, shift, mean, invstd, new_running_mean, new_running_var). Two launches."""
     stride, padding, dilation = _unpack_geometry(geometry, i)
-    shape = _conv_out_shape(x.shape, weight.shape, geometry, i)
+    shape = _conv_out_shape(x.shape, weight.shape, geometry, i)  # (validated by _planned_shapes)
     out = ops._empty_output(x, shape)
     M = shape[0] * shape[2] * shape[3]
     stats = torch.empty((conv_kernels.stats_chunks(M), 2, shape[1]), dtype=torch.float32,
@@ -123,7 +168,8 @@ def _conv_with_stats_torch(x, weight, bias, geometry, i, bn_args):
     new_rm = new_rv = None
     if running_mean is not None:
         count = y.numel() // y.shape[1]
-        factor = 1.0 / batches_tracked.to(acc) if momentum is None else momentum
+        # batches_tracked is the count before this batch (see kernels/bn_stats.py)
+        factor = 1.0 / (batches_tracked.to(acc) + 1) if momentum is None else momentum
         unbiased = var * (count / max(count - 1, 1))
         new_rm = ((1 - factor) * running_mean.to(acc) + factor * mean).to(running_mean.dtype)
         new_rv = ((1 - factor) * running_var.to(acc) + factor * unbiased).to(running_var.dtype)
@@ -159,6 +205,8 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
     conv_biases, bn_weights, bn_biases, running_means, running_vars, batches_tracked = map(
         _optional, (conv_biases, bn_weights, bn_biases, running_means, running_vars,
                     batches_tracked))
+    per_bn = list(zip(conv_biases, bn_weights, bn_biases, running_means, running_vars))
+    _planned_shapes(x, weights, per_bn, geometry, shortcut)
     n_bn = len(weights)
     n = n_bn - int(shortcut == DOWNSAMPLE)
     kernels = _uses_kernels(x)
@@ -213,14 +261,11 @@ _block_train_op = torch.library.custom_op("fastres::block_train", _block_train_i
 def _block_train_fake(x, weights, conv_biases, bn_weights, bn_biases, running_means,
                       running_vars, batches_tracked, geometry, eps, momentum, cumulative,
                       shortcut, relu, fp32_precision):
-    n_bn = len(weights)
-    n = n_bn - int(shortcut == DOWNSAMPLE)
-    ys, shape = [], tuple(x.shape)
-    for i in range(n):
-        shape = _conv_out_shape(shape, weights[i].shape, geometry, i)
-        ys.append(ops._empty_output(x, shape))
-    if shortcut == DOWNSAMPLE:
-        ys.append(ops._empty_output(x, _conv_out_shape(x.shape, weights[n].shape, geometry, n)))
+    per_bn = list(zip(*map(_optional, (conv_biases, bn_weights, bn_biases, running_means,
+                                       running_vars))))
+    ys = [ops._empty_output(x, shape)
+          for shape in _planned_shapes(x, weights, per_bn, geometry, shortcut)]
+    n = len(weights) - int(shortcut == DOWNSAMPLE)
     acc = _stat_dtype(x)
     per_channel = lambda: [x.new_empty(w.shape[0], dtype=acc) for w in weights]  # noqa: E731
     new_running = [[torch.empty_like(rm) for rm in running]
@@ -370,8 +415,8 @@ _block_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, shortcut: int,
                   relu: bool) -> Tensor:
-    """Call fastres::block_train on these modules: cast for autocast, increment
-    num_batches_tracked, copy the returned running statistics into the BN buffers."""
+    """Call fastres::block_train on these modules: cast for autocast, then copy the returned
+    running statistics into the BN buffers and increment num_batches_tracked."""
     weights = [c.weight for c in convs]
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -381,11 +426,6 @@ def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, 
         x = x.to(dtype)
         weights = [w.to(dtype) for w in weights]
     tracking = [b.track_running_stats and b.running_mean is not None for b in bns]
-    counters = [b.num_batches_tracked for b, t in zip(bns, tracking)
-                if t and b.num_batches_tracked is not None]
-    if counters:
-        with torch.no_grad():
-            torch._foreach_add_(counters, 1)
     geometry = [v for c in convs for v in _geometry(c)]
     missing = x.new_empty(0)  # the op's marker for "no such tensor" (see _optional)
     given = lambda tensors: [missing if t is None else t for t in tensors]  # noqa: E731
@@ -399,13 +439,18 @@ def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, 
             [b.momentum is None for b in bns], shortcut, relu, ops.get_fp32_precision())
     with torch.autocast(device_type, enabled=False):
         results = _block_train_op(*args)
+    # Only now, with the op done, the BN state changes: a call that raised has changed nothing.
     n_bn = len(bns)
     new_means, new_vars = results[1 + 5 * n_bn:1 + 6 * n_bn], results[1 + 6 * n_bn:]
     targets = [(b.running_mean, m) for b, t, m in zip(bns, tracking, new_means) if t]
     targets += [(b.running_var, v) for b, t, v in zip(bns, tracking, new_vars) if t]
-    if targets:
-        with torch.no_grad():
+    counters = [b.num_batches_tracked for b, t in zip(bns, tracking)
+                if t and b.num_batches_tracked is not None]
+    with torch.no_grad():
+        if targets:
             torch._foreach_copy_([t for t, _ in targets], [v for _, v in targets])
+        if counters:
+            torch._foreach_add_(counters, 1)
     return results[0]
 
 

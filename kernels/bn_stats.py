@@ -4,9 +4,10 @@ compute the new running statistics, and produce the scale/shift the next conv's 
 For each channel (a program per block of channels):
   mean = sum n_i mean_i / M;  M2 = sum M2_i + sum n_i (mean_i - mean)^2   (Chan et al.; stable)
   var = M2 / M (biased, normalises the batch); running_var uses M2 / (M - 1) (unbiased)
-  running = (1 - f) running + f batch, with f = momentum, or 1 / num_batches_tracked when
-  momentum is None (the caller has already incremented num_batches_tracked, as nn.BatchNorm2d
-  does, so every program reads the same count); the new running statistics go to new tensors
+  running = (1 - f) running + f batch, with f = momentum, or 1 / (num_batches_tracked + 1) when
+  momentum is None (num_batches_tracked is the count before this batch: the caller increments it
+  once the whole op succeeded, so a failed call changes nothing); the new running statistics go
+  to new tensors
   scale = weight / sqrt(var + eps);  shift = bias - mean * scale
 It also writes mean and 1/sqrt(var + eps) for the backward pass.
 """
@@ -62,7 +63,7 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
     invstd = 1.0 / tl.sqrt(var + eps)
     if UPDATE_RUNNING:
         if CUMULATIVE:
-            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+            factor = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
         else:
             factor = momentum
         unbiased = m2 / tl.maximum(Mf - 1.0, 1.0)
@@ -95,8 +96,8 @@ def bn_finalize(stats: torch.Tensor, M: int, weight: Optional[torch.Tensor],
 
     Functional (the running statistics are read, never written): the caller copies the new ones
     in, which keeps the op that calls this free of mutation for torch.compile and autograd.
-    momentum=None is the cumulative average, 1 / batches_tracked, read on the device from the
-    already-incremented num_batches_tracked (no host sync)."""
+    momentum=None is the cumulative average, 1 / (batches_tracked + 1), read on the device from
+    num_batches_tracked before this batch's increment (no host sync)."""
     n_chunks, _, K = stats.shape
     outs = [new_like(torch.empty(K, dtype=torch.float32, device=stats.device)) for _ in range(4)]
     update = running_mean is not None

@@ -91,3 +91,24 @@ def test_device_mismatch_is_reported():
     x = torch.randn(1, 8, 5, 5)
     with pytest.raises(ValueError, match="is on"):
         conv_bn_act(x, torch.randn(4, 8, 1, 1, device="cuda"))
+
+
+def test_train_mode_errors_name_the_problem_and_mutate_nothing(device):
+    """Train mode (the fused training op where the kernels run): the same clear errors as eager,
+    and a call that raised has not touched the running statistics or num_batches_tracked."""
+    from fastres import FusedBottleneck
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    block = randomize_bn(FusedBottleneck(8, 4, 2, ds)).train().to(device)
+    snap = _snapshot(block)
+    x = torch.randn(2, 8, 5, 5, device=device)
+    x_copy = x.clone()
+    with pytest.raises(TypeError, match="does not match conv1.weight dtype"):
+        block(x.half())
+    with pytest.raises(ValueError, match="input channels|expects 8"):
+        block(torch.randn(2, 6, 5, 5, device=device))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(torch.randn(1, 8, 1, 1, device=device))  # BN over a single value
+    assert torch.equal(x, x_copy)
+    assert _unchanged(block, snap)
+    block(x)  # and a good call still works, updating the statistics once
+    assert int(block.bn1.num_batches_tracked) == int(snap["bn1.num_batches_tracked"]) + 1

@@ -133,14 +133,16 @@ def _chunk_stats(y):
 
 
 def _finalize(stats, M, bn):
-    """bn_finalize for a module's BN, num_batches_tracked incremented first as the block does."""
+    """bn_finalize for a module's BN; num_batches_tracked incremented after, as the op's caller
+    does."""
     from fastres.kernels.bn_stats import bn_finalize
     track = bn.training and bn.track_running_stats
+    out = bn_finalize(stats, M, bn.weight, bn.bias, bn.running_mean if track else None,
+                      bn.running_var if track else None, bn.num_batches_tracked,
+                      bn.eps, bn.momentum)
     if track:
         bn.num_batches_tracked.add_(1)
-    return bn_finalize(stats, M, bn.weight, bn.bias, bn.running_mean if track else None,
-                       bn.running_var if track else None, bn.num_batches_tracked,
-                       bn.eps, bn.momentum)
+    return out
 
 
 @pytest.mark.parametrize("bn_kwargs", [dict(), dict(momentum=None), dict(track_running_stats=False),
