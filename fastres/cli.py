@@ -424,10 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
                               help="output folder (default: ./fastres-bench-out)")
     bench_parser.set_defaults(run=_bench)
 
+    check_parser = commands.add_parser(
+        "compile-check", help="compile every kernel variant for an NVIDIA GPU, without a GPU",
+        description="Compile, for GPUTarget('cuda', ARCH) and without launching anything, every "
+                    "Triton kernel variant fastres launches (eval blocks, the stem, training "
+                    "steps, every tuning config), and check each kernel's shared memory. Needs "
+                    "TRITON_INTERPRET unset.")
+    check_parser.add_argument("--arch", type=int, default=90,
+                              help="compute capability x10 (default: 90, the H100)")
+    check_parser.add_argument("--quick", action="store_true",
+                              help="fp16 and channels_last only (the CI subset)")
+    check_parser.set_defaults(run=_compile_check)
+
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess
     _add_model_options(interpret_parser)
     interpret_parser.set_defaults(run=demo_interpret)
     return parser
+
+
+def _compile_check(args: argparse.Namespace) -> int:
+    from fastres import compile_check
+    report = compile_check.run(args.arch, args.quick)
+    print(report.format())
+    return 0 if report.ok else 1
 
 
 def _gate(args: argparse.Namespace) -> int:

@@ -258,11 +258,41 @@ def _config_id(cfg: dict) -> tuple:
 
 _tuned_kernel = None
 
+# Shared memory the epilogue needs beside the operand staging, as compiled for sm_90 by
+# `python -m fastres compile-check`: at most 1 KiB plain; with the STATS reductions 8-9 KiB for
+# tiles up to 128x64 and 33 KiB for 128x128 and 128x256. Estimated (from above) as 2 KiB, plus
+# 2 bytes per tile element with STATS.
+EPILOGUE_SHARED_BYTES = 2 * 1024
+_shared_limit: list = []
+
+
+def shared_memory_limit() -> int:
+    """Shared memory one program may use on the current GPU (the opt-in maximum); the H100's
+    227 KiB where no GPU can be asked (python -m fastres compile-check sets its target's)."""
+    if not _shared_limit:
+        limit = 227 * 1024
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            limit = getattr(props, "shared_memory_per_block_optin", limit)
+        _shared_limit.append(limit)
+    return _shared_limit[0]
+
+
+def fits_shared_memory(block_m: int, block_n: int, block_k: int, num_stages: int,
+                       elem_bytes: int, stats: bool = False) -> bool:
+    """Whether a config's pipelined operand tiles (num_stages copies of the BLOCK_M x BLOCK_K
+    and BLOCK_K x BLOCK_N tiles) and its epilogue fit the GPU's shared memory. fp32 needs
+    twice fp16's bytes: a config that fits in fp16 can fail to compile in fp32 (the autotuner
+    would skip it after a failed compile; FASTRES_AUTOTUNE=0 would fail the launch)."""
+    staging = num_stages * (block_m * block_k + block_k * block_n) * elem_bytes
+    epilogue = EPILOGUE_SHARED_BYTES + (2 * block_m * block_n if stats else 0)
+    return staging + epilogue <= shared_memory_limit()
+
 
 def prune_to_shape_class(configs, named_args, **kwargs):
     """Triton autotuner's early_config_prune: keep the configs curated for this problem's class
-    (conv_configs.json). named_args holds the launch's positional arguments, kwargs its
-    constexprs."""
+    (conv_configs.json) that fit the GPU's shared memory in this dtype. named_args holds the
+    launch's positional arguments, kwargs its constexprs."""
     table = _config_table()
     args = {**named_args, **kwargs}
     name = shape_class(table, M=args["N"] * args["P"] * args["Q"], C=args["C"], K=args["K"],
@@ -272,9 +302,14 @@ def prune_to_shape_class(configs, named_args, **kwargs):
     kept = [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
                 c.num_warps, c.num_stages) in wanted]
+    elem = args["x_ptr"].element_size()
+    fits = [c for c in configs if fits_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                     c.kwargs["BLOCK_K"], c.num_stages, elem,
+                                                     bool(args.get("STATS")))]
+    kept = [c for c in kept if c in fits]
     if args.get("STATS"):
-        kept = [c for c in (kept or configs) if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0]
-    return kept or [c for c in configs if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0][:1]
+        kept = [c for c in (kept or fits) if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0]
+    return kept or [c for c in fits if c.kwargs["BLOCK_M"] % STATS_CHUNK == 0][:1]
 
 
 _table_cache: dict = {}
@@ -307,7 +342,8 @@ def _build_tuned_kernel():
     )(fused_conv2d_kernel)
 
 
-def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: bool = False):
+def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: bool = False,
+                     elem_bytes: int = 2):
     """The kernel to launch and the meta-parameters the launch must pass itself.
 
     FASTRES_AUTOTUNE=0 (read per launch) skips autotuning on the GPU and takes the first config
@@ -319,10 +355,14 @@ def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: 
     if os.environ.get("FASTRES_AUTOTUNE", "1") == "0":
         table = _config_table()
         name = shape_class(table, M=M, C=C, K=K, R=R, S=S, flat=flat)
-        cfgs = next(e for e in table["classes"] if e["name"] == name)["configs"]
+        every = [c for e in table["classes"] for c in e["configs"]
+                 if fits_shared_memory(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"],
+                                       elem_bytes, stats)]
+        cfgs = [c for c in next(e for e in table["classes"] if e["name"] == name)["configs"]
+                if c in every]
         if stats:
             cfgs = [c for c in cfgs if c["BLOCK_M"] % STATS_CHUNK == 0] or [
-                c for e in table["classes"] for c in e["configs"] if c["BLOCK_M"] % STATS_CHUNK == 0]
+                c for c in every if c["BLOCK_M"] % STATS_CHUNK == 0]
         cfg = cfgs[0]
         meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         return fused_conv2d_kernel, dict(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -376,7 +416,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     M = N * P * Q
     if stats is not None and tuple(stats.shape) != (stats_chunks(M), 2, K):
         raise ValueError(f"stats buffer must be {(stats_chunks(M), 2, K)}, got {tuple(stats.shape)}")
-    kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None)
+    kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
+                                    x.element_size())
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
 
     def grid(m):

@@ -163,12 +163,24 @@ def test_autotuner_prunes_to_the_shape_class():
     configs = conv_kernels.all_tuning_configs()
     by_class = {e["name"]: {conv_kernels._config_id(c) for c in e["configs"]} for e in table["classes"]}
     assert len(configs) == len(set().union(*by_class.values()))
-    launch = dict(N=256, C=64, K=256, P=56, Q=56)
+    half = torch.empty(1, dtype=torch.float16)
+    launch = dict(N=256, C=64, K=256, P=56, Q=56, x_ptr=half)
     kept = conv_kernels.prune_to_shape_class(configs, launch, R=1, S=1, FLAT_REDUCTION=False)
     ids = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
             c.num_warps, c.num_stages) for c in kept}
     assert ids == by_class["pointwise"]
-    kept = conv_kernels.prune_to_shape_class(configs, dict(N=256, C=3, K=64, P=112, Q=112),
+    kept = conv_kernels.prune_to_shape_class(configs, dict(N=256, C=3, K=64, P=112, Q=112, x_ptr=half),
                                              R=7, S=7, FLAT_REDUCTION=True)
     assert len(kept) == len(by_class["stem"])
+    # fp32 operands take twice the shared memory: the 128x256x64, 3-stage pointwise config
+    # (288 KiB of staging, as compiled for sm_90 by `python -m fastres compile-check`) is dropped.
+    launch["x_ptr"] = torch.empty(1, dtype=torch.float32)
+    kept = conv_kernels.prune_to_shape_class(configs, launch, R=1, S=1, FLAT_REDUCTION=False)
+    assert 0 < len(kept) < len(by_class["pointwise"])
+    assert all(conv_kernels.fits_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                               c.kwargs["BLOCK_K"], c.num_stages, 4) for c in kept)
+    assert not conv_kernels.fits_shared_memory(128, 256, 64, 3, 4)
+    assert conv_kernels.fits_shared_memory(128, 128, 64, 3, 4)  # 192 KiB: fits
+    assert conv_kernels.fits_shared_memory(128, 128, 64, 3, 4, stats=True)  # 225 KiB compiled
+    assert conv_kernels.fits_shared_memory(128, 256, 64, 3, 2, stats=True)  # fp16: 161 KiB
     assert conv_kernels._build_tuned_kernel() is not None  # the autotuner accepts the configs
