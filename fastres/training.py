@@ -1,4 +1,5 @@
-"""Training-mode fusion: a ResNet block with batch-statistics BatchNorm as one registered op.
+"""Training-mode fusion: a ResNet block (or a conv -> BN -> ReLU chain such as the stem) with
+batch-statistics BatchNorm as one registered op.
 
 Forward, per block (Triton on CUDA or under the interpreter):
   conv1 (raw output + per-chunk batch statistics)  ->  BN1 finalize (scale/shift, new running stats)
@@ -23,7 +24,8 @@ copies them into the BN buffers (one foreach launch per block) and increments
 num_batches_tracked (one more), ending in nn.BatchNorm2d's exact state.
 
 Float64 and CPU tensors without the interpreter run the op's torch implementation: the same
-graph in plain torch ops with the same backward formula (this is what gradcheck checks).
+graph in plain torch ops with the same backward formula (this is what gradcheck checks). The
+modules do not send such inputs here: they run the unfused modules instead (exactly eager).
 """
 from __future__ import annotations
 
