@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from fastres import ops
 from fastres.kernels import conv as conv_kernels
-from fastres.kernels.bn_act import bn_act
+from fastres.kernels.bn_act import bn_act, same_layout
 from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK,
                                          BNGradInput, bn_relu_backward)
 from fastres.kernels.bn_stats import bn_finalize
@@ -242,7 +242,11 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
             bn_ds = rd[0].to(rd[1].dtype) * _channel(rd[1]) + _channel(rd[2])
             out = _bn_relu_torch(y, scale, shift, residual=bn_ds, relu=relu)
     elif shortcut == IDENTITY:
-        out = bn_act(y, scale, shift, residual=x, relu=relu) if kernels else \
+        # The tail walks y and the residual as one flat array: a strided-view input is copied
+        # into y's layout first (y has x's memory format, dense).
+        residual = x if same_layout(x, y) else x.contiguous(
+            memory_format=ops.output_memory_format(x))
+        out = bn_act(y, scale, shift, residual=residual, relu=relu) if kernels else \
             _bn_relu_torch(y, scale, shift, residual=x.to(scale.dtype), relu=relu)
     else:
         out = bn_act(y, scale, shift, relu=relu) if kernels else \

@@ -55,6 +55,13 @@ def _layout(t: torch.Tensor) -> bool:
     raise ValueError("bn_act: tensors must be NCHW-contiguous or channels_last")
 
 
+def same_layout(t: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether t can be walked as one flat array alongside y: same shape, and dense in y's
+    memory format (strides of size-1 dimensions do not matter)."""
+    fmt = torch.channels_last if _layout(y) else torch.contiguous_format
+    return tuple(t.shape) == tuple(y.shape) and t.is_contiguous(memory_format=fmt)
+
+
 def bn_act(y, scale, shift, residual=None, residual_scale=None, residual_shift=None,
            relu: bool = True, out=None):
     """relu?(y * scale + shift [+ residual (* residual_scale + residual_shift)]), per channel.
@@ -67,8 +74,8 @@ def bn_act(y, scale, shift, residual=None, residual_scale=None, residual_shift=N
     if out is None:
         out = new_like(y)
     for name, t in (("residual", residual), ("out", out)):
-        if t is not None and (tuple(t.shape) != tuple(y.shape) or t.stride() != y.stride()):
-            raise ValueError(f"bn_act: {name} must have y's shape and strides")
+        if t is not None and not same_layout(t, y):
+            raise ValueError(f"bn_act: {name} must have y's shape and strides (memory format)")
     has_bn = residual_scale is not None
     grid = (triton.cdiv(y.numel(), BLOCK),)
     bn_act_kernel[grid](

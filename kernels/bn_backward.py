@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.kernels.bn_act import same_layout
 from fastres.kernels.conv import INTERPRETED
 
 NO_MASK, MASK_FROM_OUTPUT, MASK_FROM_AFFINE = 0, 1, 2
@@ -214,7 +215,7 @@ def bn_relu_backward(grad: torch.Tensor, bn: BNGradInput, mask: int,
     dev = y.device
     s = _pixel_strides(y)
     for t in (mask_output, second.y if second else None):
-        if t is not None and (t.shape != y.shape or t.stride() != y.stride()):
+        if t is not None and not same_layout(t, y):
             raise ValueError("bn_backward: y, y2 and the saved output must share shape and strides")
     if grad.shape != y.shape:
         raise ValueError(f"bn_backward: gradient shape {tuple(grad.shape)} != {tuple(y.shape)}")

@@ -84,6 +84,25 @@ def test_conv_bn_relu_chain_trains_fused(name, dtype, fmt, device):
     assert_step_as_accurate_as_eager((model, eager, ref), outs, (x, x_eager, x_ref), dtype)
 
 
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_strided_view_input(kind, device):
+    """A strided view as the block input (not dense in any memory format): same outputs,
+    gradients and running statistics as torchvision (fp32, within the fp32 training bound)."""
+    block = randomize_bn(torchvision_block(kind, False)).train().to(device)
+    ref = copy.deepcopy(block)
+    base = torch.randn(3, block.conv1.in_channels, 7, 13, device=device)
+    x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    out, want = fused(block)(x[..., ::2]), ref(x_ref[..., ::2])
+    _assert_close_scaled(out, want, 32 * UNIT_ROUNDOFF[torch.float32], "output")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    _assert_close_scaled(x.grad, x_ref.grad, 32 * UNIT_ROUNDOFF[torch.float32], "input grad")
+    for (name, p), q in zip(block.named_parameters(), ref.parameters()):
+        _assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
+    for (name, b), c in zip(block.named_buffers(), ref.buffers()):
+        _assert_close_scaled(b, c, 32 * UNIT_ROUNDOFF[torch.float32], name)
+
+
 def test_gradient_accumulation(device):
     block = randomize_bn(torchvision_block("bottleneck", True)).train().to(device)
     ref = copy.deepcopy(block)
