@@ -216,14 +216,11 @@ def pytest_generate_tests(metafunc):
         cases = [c for m in models for c in layer_cases(m, batch)]
         cases = cases if ON_GPU else cases[:2]  # CPU: the stem and one residual 3x3
         metafunc.parametrize("layer_case", cases, ids=[c.name for c in cases])
-    if "block_case" in names:
-        cases = [c for m in models for c in block_cases(m, batch)]
-        cases = cases if ON_GPU else cases[:1]
-        metafunc.parametrize("block_case", cases, ids=[c.name for c in cases])
-    if "train_block_case" in names:
-        cases = [c for m in models for c in block_cases(m, batch)]
-        cases = cases if ON_GPU else cases[:1]
-        metafunc.parametrize("train_block_case", cases, ids=[c.name for c in cases])
+    for fixture in ("block_case", "train_block_case"):  # the same blocks, forward or trained
+        if fixture in names:
+            cases = [c for m in models for c in block_cases(m, batch)]
+            cases = cases if ON_GPU else cases[:1]
+            metafunc.parametrize(fixture, cases, ids=[c.name for c in cases])
     if "train_model_case" in names:
         # The target: a resnet50 training step at batch 256 (CPU: batch 2, resnet18).
         batches = selected(cfg, "--bench-batches", ["256"], ["2"])

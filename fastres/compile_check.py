@@ -139,12 +139,17 @@ def _blocks() -> List[Tuple[str, Callable[[], nn.Module], int]]:
             ("Bottleneck+downsample", lambda: FusedBottleneck(32, 16, 2, ds(32, 64)), 32)]
 
 
-def _model_scenarios(dtypes, formats) -> List[Tuple[str, Callable[[], None]]]:
+# A scenario is (label, run): run(report) exercises one code path (the report records the
+# compiled kernels through the patched JIT; config scenarios also note configs the prune drops).
+Scenario = Tuple[str, Callable[[CompileReport], None]]
+
+
+def _model_scenarios(dtypes, formats) -> List[Scenario]:
     """Eval forward and a training step of each block kind and of the stem."""
     from fastres import FusedConvBNReLU, set_fp32_precision
 
     def step(make, channels, dtype, fmt, train):
-        def run():
+        def run(report: CompileReport):
             model = make().to(dtype=dtype, memory_format=fmt).train(train)
             x = torch.randn(2, channels, 12, 12, dtype=dtype).contiguous(memory_format=fmt)
             if train:
@@ -155,10 +160,10 @@ def _model_scenarios(dtypes, formats) -> List[Tuple[str, Callable[[], None]]]:
         return run
 
     def with_precision(run, precision):
-        def wrapped():
+        def wrapped(report: CompileReport):
             set_fp32_precision(precision)
             try:
-                run()
+                run(report)
             finally:
                 set_fp32_precision(None)
         return wrapped
@@ -178,7 +183,7 @@ def _model_scenarios(dtypes, formats) -> List[Tuple[str, Callable[[], None]]]:
     return scenarios
 
 
-def _config_scenarios(dtypes) -> List[Tuple[str, Callable[[], None]]]:
+def _config_scenarios(dtypes) -> List[Scenario]:
     """Every curated conv config on a problem of its class, with and without the statistics
     epilogue (which needs BLOCK_M % 64 == 0) and the BN prologue."""
     from fastres.kernels import conv as conv_kernels
@@ -223,7 +228,6 @@ def _config_run(conv_kernels, meta, C, R, pad, small, dtype, training, label):
                                       "tf32", **kwargs)
         finally:
             conv_kernels._kernel_and_meta = real
-    run.wants_report = True
     return run
 
 
@@ -241,7 +245,7 @@ def run(arch: int = 90, quick: bool = False) -> CompileReport:
             report.scenarios += 1
             report.current = label
             try:
-                scenario(report) if getattr(scenario, "wants_report", False) else scenario()
+                scenario(report)
             except Exception:  # noqa: BLE001 - every failure is reported, then the check fails
                 report.failures.append((label, traceback.format_exc(limit=-3)))
     return report

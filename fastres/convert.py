@@ -236,15 +236,15 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         if reason:
             report.add(node.target, kind, False, reason)
             continue
-        # The conv and the ReLU follow the train/eval flag of the BN module that is in the
-        # model from now on (the folded one), never of the replaced original.
+        # The conv follows the train/eval flag of the BN module that is in the model from now on
+        # (the folded one), never of the replaced original; BN and ReLU become identities.
         folded_bn = FoldedBatchNorm2d.from_bn(bn)
         _set(model, bn_node.target, folded_bn)
         _set(model, node.target, FusedConv2d.from_conv(conv, folded_bn, fuse_relu))
         detail = f"BN {bn_node.target} folded"
         if fuse_relu and relu_node.op == "call_module" and calls[relu_node.target] == 1:
             relu = model.get_submodule(relu_node.target)
-            _set(model, relu_node.target, FoldedReLU.from_relu(relu, folded_bn))
+            _set(model, relu_node.target, FoldedReLU.from_relu(relu))
             detail += f", ReLU {relu_node.target} fused"
         elif fuse_relu:
             detail += ", ReLU applied in the kernel (the ReLU op also stays: it is shared)"

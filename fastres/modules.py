@@ -322,10 +322,8 @@ class FoldedReLU(nn.ReLU):
     """A ReLU fused into the preceding FusedConv2d: an identity (the conv applies it)."""
 
     @classmethod
-    def from_relu(cls, relu: nn.ReLU, bn: nn.BatchNorm2d) -> "FoldedReLU":
-        new = _share_state(cls, relu)
-        new.__dict__["_folded_bn"] = bn
-        return new
+    def from_relu(cls, relu: nn.ReLU) -> "FoldedReLU":
+        return _share_state(cls, relu)
 
     def forward(self, x: Tensor) -> Tensor:
         return x

@@ -139,11 +139,12 @@ def _planned_shapes(x: Tensor, weights: List[Tensor], per_bn: List[List[Optional
     return shapes
 
 
-def _conv_with_stats_kernel(x, weight, bias, geometry, i, bn_args, fp32_precision, prologue=None):
-    """Raw conv output (prologue applied to x on load) and the BN finalize on its batch
-    statistics: (y, scale, shift, mean, invstd, new_running_mean, new_running_var). Two launches."""
+def _conv_with_stats_kernel(x, weight, bias, geometry, i, shape, bn_args, fp32_precision,
+                            prologue=None):
+    """Raw conv output of `shape` (from _planned_shapes; prologue applied to x on load) and the
+    BN finalize on its batch statistics: (y, scale, shift, mean, invstd, new_running_mean,
+    new_running_var). Two launches."""
     stride, padding, dilation = _unpack_geometry(geometry, i)
-    shape = _conv_out_shape(x.shape, weight.shape, geometry, i)  # (validated by _planned_shapes)
     out = ops._empty_output(x, shape)
     M = shape[0] * shape[2] * shape[3]
     stats = torch.empty((conv_kernels.stats_chunks(M), 2, shape[1]), dtype=torch.float32,
@@ -208,7 +209,7 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
         _optional, (conv_biases, bn_weights, bn_biases, running_means, running_vars,
                     batches_tracked))
     per_bn = list(zip(conv_biases, bn_weights, bn_biases, running_means, running_vars))
-    _planned_shapes(x, weights, per_bn, geometry, shortcut)
+    shapes = _planned_shapes(x, weights, per_bn, geometry, shortcut)
     n_bn = len(weights)
     n = n_bn - int(shortcut == DOWNSAMPLE)
     kernels = _uses_kernels(x)
@@ -217,8 +218,8 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
         bn_args = (bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
                    batches_tracked[i], eps[i], None if cumulative[i] else momentum[i])
         if kernels:
-            return _conv_with_stats_kernel(inp, weights[i], conv_biases[i], geometry, i, bn_args,
-                                           fp32_precision, prologue)
+            return _conv_with_stats_kernel(inp, weights[i], conv_biases[i], geometry, i,
+                                           shapes[i], bn_args, fp32_precision, prologue)
         return _conv_with_stats_torch(inp, weights[i], conv_biases[i], geometry, i, bn_args)
 
     results = []

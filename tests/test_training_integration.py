@@ -71,6 +71,13 @@ def _autocast_dtype(device):
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def _autocast_models(kind, train, device):
+    """(the torchvision block, its float64 copy, its eager copy and a fastres copy on device)."""
+    block = randomize_bn(torchvision_block(kind, True)).train(train)
+    return (block, copy.deepcopy(block).double(), copy.deepcopy(block).to(device),
+            fused(copy.deepcopy(block).to(device)))
+
+
 @pytest.mark.skipif(not USES_KERNELS, reason="the fused training path needs CUDA or the interpreter")
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_autocast_training_is_as_accurate_as_eager_autocast(kind, device):
@@ -78,10 +85,7 @@ def test_autocast_training_is_as_accurate_as_eager_autocast(kind, device):
     autocast dtype as eager does, keeps fp32 parameters, gradients and running statistics, and
     is as accurate against float64 as eager's autocast block."""
     dtype = _autocast_dtype(device)
-    block = randomize_bn(torchvision_block(kind, True)).train()
-    ref = copy.deepcopy(block).double()
-    eager = copy.deepcopy(block).to(device)
-    model = fused(copy.deepcopy(block).to(device))
+    block, ref, eager, model = _autocast_models(kind, True, device)
     x0 = torch.randn(4, block.conv1.in_channels, 9, 7, device=device)
     x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     x_ref = x0.double().cpu().requires_grad_()
@@ -107,10 +111,7 @@ def test_autocast_eval_folds_into_the_autocast_dtype(kind, device):
     """Eval under autocast: the input and the folded weights are cast to the autocast dtype,
     the output has eager's dtype, and the error is eager autocast's."""
     dtype = _autocast_dtype(device)
-    block = randomize_bn(torchvision_block(kind, True)).eval()
-    ref = copy.deepcopy(block).double()
-    eager = copy.deepcopy(block).to(device)
-    model = fused(copy.deepcopy(block).to(device))
+    block, ref, eager, model = _autocast_models(kind, False, device)
     x = torch.randn(2, block.conv1.in_channels, 9, 7, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
         out, out_eager = model(x), eager(x)
