@@ -1,24 +1,21 @@
-"""fastres.optimize(model) / fastres.restore(model): swap fused modules into existing models.
+"""fastres.optimize(model) / fastres.restore(model): fuse existing models in place.
 
 Blocks are found by structure, not class name: a module whose children include conv1/bn1/conv2/
 bn2 (BasicBlock) or also conv3/bn3 (Bottleneck), with an optional `downsample`, is a candidate.
 It is fused only if every conv and BN can be folded, the shortcut is an identity or a 1x1
-conv + BN, it has no parameters outside those, and - the final word - a probe run shows that its
-own forward() computes exactly what a torchvision block computes (on a float64 copy with
-randomised weights and statistics, so zero-initialised BNs cannot hide a difference).
+conv + BN, no module inside it has hooks or parametrizations, and its forward is one fastres
+knows (torchvision's, timm's, or one the caller trusts) or passes the probe (fastres.anatomy).
 
-Then the model (with fused blocks as leaves) is traced with torch.fx, and every conv -> BN
-(-> ReLU) chain whose intermediate results feed nothing else is fused in place: the stem, and
-the 1x1 convs inside blocks that were left alone (e.g. timm's resnet50d avg-pool shortcut).
-Models that torch.fx cannot trace keep their chains, and the report says so.
+Then the model (fused blocks and hooked modules as leaves) is traced with torch.fx, and every
+conv -> BN (-> ReLU) chain whose intermediate results feed nothing else is fused in place: the
+stem, and the 1x1 convs inside blocks that were left alone (e.g. timm's resnet50d avg-pool
+shortcut). Models that torch.fx cannot trace keep their chains, and the report says so.
 
-Everything happens in place and shares the original tensors; restore() puts the original
-modules back (state_dict-identical).
+Fusing swaps the class of the existing module objects (fastres.modules); nothing is copied or
+replaced, and restore() swaps the classes back.
 """
 from __future__ import annotations
 
-import copy
-import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -26,10 +23,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres import reference
-from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedBasicBlock, FusedBottleneck,
-                             FusedConv2d, FusedConvBNReLU, _FusedBlock, bn_unfusable_reason,
-                             conv_unfusable_reason, shortcut_unfusable_reason)
+from fastres.anatomy import (BLOCK_STAGES, attribute_snapshot, block_kind, bn_train_unfusable_reason,
+                             bn_unfusable_reason, conv_unfusable_reason, global_hooks_registered,
+                             hooks_reason, known_forward, known_forward_reason, module_structure,
+                             probe_reason, shortcut_unfusable_reason, submodule_hooks_reason)
+from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
+                             _FusedBlock, fused_block_class, unswap_block, unswap_chain_module)
 
 _FASTRES_MODULES = (_FusedBlock, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
 
@@ -48,6 +47,9 @@ class FusionReport:
 
     def add(self, path, kind, fused, detail=""):
         self.entries.append(FusionEntry(path or "<model>", kind, fused, detail))
+
+    def find(self, path: str) -> FusionEntry:
+        return next(e for e in self.entries if e.path == path)
 
     @property
     def fused(self) -> List[FusionEntry]:
@@ -73,45 +75,24 @@ class FusionReport:
         return "\n".join(lines)
 
 
-_reports: "weakref.WeakKeyDictionary[nn.Module, FusionReport]" = weakref.WeakKeyDictionary()
-
-
 def fusion_report(model: nn.Module) -> Optional[FusionReport]:
-    """The report of the last optimize(model) call (None if it was never optimized)."""
-    return _reports.get(model)
+    """What optimize(model) fused and left alone (None if it was never optimized). The report
+    lives on the model, so copies (deepcopy, pickling, torch.save/load) keep it."""
+    return model.__dict__.get("_fastres_report")
 
 
 # ---------------------------------------------------------------------------------------------
 # Blocks
 
-_BLOCK_STAGES = {"Bottleneck": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),
-                 "BasicBlock": ("conv1", "bn1", "conv2", "bn2")}
-
-
-def block_kind(module: nn.Module) -> Optional[str]:
-    """"BasicBlock", "Bottleneck" or None, judged by the module's children (not its class)."""
-    if isinstance(module, _FASTRES_MODULES):
-        return None
-    children = dict(module.named_children())
-    for kind, names in _BLOCK_STAGES.items():  # Bottleneck first: it is a superset
-        if all(n in children for n in names):
-            if kind == "BasicBlock" and "conv3" in children:
-                return None
-            return kind
-    return None
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-
-
 def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
-    names = _BLOCK_STAGES[kind]
-    for conv_name, bn_name in zip(names[::2], names[1::2]):
-        conv, bn = getattr(block, conv_name), getattr(block, bn_name)
-        reason = conv_unfusable_reason(conv)
-        if reason is None:
-            reason = bn_unfusable_reason(bn, conv.out_channels)
+    """What keeps `block` from being fused whatever its forward computes (None: nothing)."""
+    if "forward" in block.__dict__:
+        return "forward is overridden on the instance"
+    stages = BLOCK_STAGES[kind]
+    for conv_name in stages:
+        bn_name = "bn" + conv_name[-1]
+        conv, bn = block._modules[conv_name], block._modules[bn_name]
+        reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
         if reason:
             return f"{conv_name}/{bn_name}: {reason}"
     ds = getattr(block, "downsample", None)
@@ -121,63 +102,86 @@ def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
             return reason if reason.startswith("shortcut") else f"downsample: {reason}"
     if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
         return "the block has parameters of its own"
-    known = set(names) | {"downsample"}
+    reason = submodule_hooks_reason(block)
+    if reason:
+        return reason
+    return None
+
+
+def _extra_state_reason(block: nn.Module, kind: str) -> Optional[str]:
+    """For probed forwards: a child with parameters outside the stages and the shortcut is one
+    the probe cannot vouch for (its weights may make it matter only later)."""
+    known = {n for s in BLOCK_STAGES[kind] for n in (s, "bn" + s[-1])} | {"downsample"}
     for name, child in block.named_children():
-        if name not in known and _has_state(child):
+        if name not in known and (any(True for _ in child.parameters())
+                                  or any(True for _ in child.buffers())):
             return f"extra submodule {name!r} ({type(child).__name__}) with parameters"
     return None
 
 
-def _probe_mismatch(block: nn.Module, kind: str, training: bool = False) -> Optional[str]:
-    """Run the block's own forward and the torchvision formula on a randomised float64 copy, in
-    eval mode or (training=True) in train mode, where dropout-like layers and anything else that
-    acts only in training would show."""
-    gen = torch.Generator().manual_seed(0)
-    probe = copy.deepcopy(block).to(device="cpu", dtype=torch.float64).train(training)
-    with torch.no_grad():
-        for m in probe.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
-        x = torch.randn(2, probe.conv1.in_channels, 9, 9, generator=gen, dtype=torch.float64)
-        formula = reference.bottleneck_reference if kind == "Bottleneck" else reference.basic_block_reference
-        try:
-            got = probe(x.clone())
-            want = formula(probe, x.clone())
-        except Exception as exc:  # a forward that cannot even run on the probe is not a block
-            return f"forward() failed on a probe input: {type(exc).__name__}: {exc}"
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-9):
-        return f"forward() does not compute a torchvision {kind} (checked on a probe input)"
+def fuse_block(block: nn.Module, verify: bool = True, trust: tuple = ()) -> Optional[str]:
+    """Fuse one block in place (swap its class, see fastres.modules.fused_block_class); return
+    why it was left alone instead (None: fused). Changes nothing when it returns a reason."""
+    if isinstance(block, _FASTRES_MODULES):
+        return "already a fastres module"
+    kind = block_kind(block)
+    if kind is None:
+        return "not a ResNet block: needs children conv1/bn1/conv2/bn2[/conv3/bn3]"
+    reason = _block_unfusable_reason(block, kind)
+    if reason:
+        return reason
+    spec = known_forward(type(block), trust)
+    probed = train_reason = None
+    if spec is not None:
+        reason = known_forward_reason(block, spec, training=False)  # fusable in eval mode
+        if reason:
+            return f"{spec.source}: {reason}"
+    elif not verify:
+        return "its forward is not one fastres knows, and verify=False skips the probe"
+    else:
+        reason = _extra_state_reason(block, kind)
+        if reason is None and global_hooks_registered():
+            reason = ("global module hooks are registered: fastres does not run them on its "
+                      "probe (torchvision/timm blocks need no probe)")
+        if reason is None:
+            reason = probe_reason(block, kind, training=False)
+        if reason:
+            return reason
+        train_reason = probe_reason(block, kind, training=True)
+        probed = (module_structure(block), attribute_snapshot(block))
+    block.__class__ = fused_block_class(type(block), kind == "Bottleneck")
+    block._fastres_init(spec, probed, train_reason)
     return None
 
 
-def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool) -> None:
+def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust: tuple) -> None:
+    done = {}  # id(block) -> path, for blocks reachable under several names
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, _FASTRES_MODULES):
             continue
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            path = f"{parent_name}.{name}" if parent_name else name
+            if id(child) in done:
+                if done[id(child)] != path:
+                    first = report.find(done[id(child)])
+                    report.add(path, first.kind, first.fused,
+                               f"the same module as {first.path}" + (f": {first.detail}" if first.detail else ""))
+                continue
+            if isinstance(child, _FASTRES_MODULES):
+                continue
             kind = block_kind(child)
             if kind is None:
                 continue
-            path = f"{parent_name}.{name}" if parent_name else name
-            reason = _block_unfusable_reason(child, kind)
-            if reason is None and verify:
-                reason = _probe_mismatch(child, kind)
+            done[id(child)] = path
+            reason = fuse_block(child, verify, trust)
             if reason:
                 report.add(path, kind, False, reason)
                 continue
-            cls = FusedBottleneck if kind == "Bottleneck" else FusedBasicBlock
-            fused = cls.from_block(child)
-            setattr(parent, name, fused)
             ds = " + downsample" if getattr(child, "downsample", None) is not None else ""
-            detail = f"{len(cls._stages)} launches{ds}"
-            train_reason = _probe_mismatch(child, kind, training=True) if verify else None
-            if train_reason:
-                fused.__dict__["_train_probe_reason"] = train_reason
-            train_reason = fused.train_fallback_reason
+            detail = f"{len(BLOCK_STAGES[kind])} launches{ds}"
+            train_reason = child.train_fallback_reason
             if train_reason:
                 detail += f"; train mode runs unfused: {train_reason}"
             report.add(path, kind, True, detail)
@@ -187,8 +191,12 @@ def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool) -> Non
 # conv -> bn (-> relu) chains
 
 class _LeafTracer(torch.fx.Tracer):
+    """Fused modules are leaves, and so is any module with hooks: torch.fx would otherwise call
+    it, firing user hooks on proxies (optimize() never runs user hooks)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _FASTRES_MODULES) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, _FASTRES_MODULES) or hooks_reason(m) is not None
+                or super().is_leaf_module(m, qualname))
 
 
 def _is_relu_call(node: torch.fx.Node, model: nn.Module) -> bool:
@@ -202,16 +210,21 @@ def _is_relu_call(node: torch.fx.Node, model: nn.Module) -> bool:
 
 
 def _convert_chains(model: nn.Module, report: FusionReport) -> None:
+    if global_hooks_registered():
+        report.add("", "conv+bn", False, "conv+BN chains outside ResNet blocks were not searched: "
+                   "global module hooks are registered (torch.fx would fire them)")
+        return
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:
         report.add("", "conv+bn", False, "conv+BN chains outside ResNet blocks were not searched: "
                    f"the model is not torch.fx-traceable ({type(exc).__name__})")
         return
-    calls = {}
+    calls = {}  # per module object: a module reachable under two names is still one module
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            key = id(model.get_submodule(node.target))
+            calls[key] = calls.get(key, 0) + 1
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -219,97 +232,113 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         if type(conv) is not nn.Conv2d or len(node.users) != 1:
             continue
         bn_node = next(iter(node.users))
-        if bn_node.op != "call_module" or bn_node.args[0] is not node:
+        if bn_node.op != "call_module" or bn_node.args[0] is not node or len(bn_node.args) != 1:
             continue
         bn = model.get_submodule(bn_node.target)
         if type(bn) is not nn.BatchNorm2d:
             continue
-        kind = "conv+bn"
         relu_node = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
         fuse_relu = relu_node is not None and _is_relu_call(relu_node, model)
-        if fuse_relu:
-            kind = "conv+bn+relu"
-        if calls[node.target] > 1 or calls[bn_node.target] > 1:
+        kind = "conv+bn+relu" if fuse_relu else "conv+bn"
+        relu = None
+        if fuse_relu and relu_node.op == "call_module" and calls[id(model.get_submodule(relu_node.target))] == 1:
+            relu = model.get_submodule(relu_node.target)
+        if calls[id(conv)] > 1 or calls[id(bn)] > 1:
             report.add(node.target, kind, False, "the conv or BN module is called more than once")
             continue
-        reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+        reason = (conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+                  or hooks_reason(conv) or hooks_reason(bn) or (relu is not None and hooks_reason(relu)))
         if reason:
             report.add(node.target, kind, False, reason)
             continue
-        # The conv follows the train/eval flag of the BN module that is in the model from now on
-        # (the folded one), never of the replaced original; BN and ReLU become identities.
-        folded_bn = FoldedBatchNorm2d.from_bn(bn)
-        _set(model, bn_node.target, folded_bn)
-        _set(model, node.target, FusedConv2d.from_conv(conv, folded_bn, fuse_relu))
+        FusedConv2d.from_conv(conv, bn, relu, fuse_relu)
         detail = f"BN {bn_node.target} folded"
-        if fuse_relu and relu_node.op == "call_module" and calls[relu_node.target] == 1:
-            relu = model.get_submodule(relu_node.target)
-            _set(model, relu_node.target, FoldedReLU.from_relu(relu))
+        if relu is not None:
             detail += f", ReLU {relu_node.target} fused"
         elif fuse_relu:
             detail += ", ReLU applied in the kernel (the ReLU op also stays: it is shared)"
+        train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (FoldedBatchNorm2d,))
+        detail += f"; train mode runs unfused: {train_reason}" if train_reason else "; trains fused"
         report.add(node.target, kind, True, detail)
-
-
-def _set(model: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, name = target.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 
+def _check_report(model: nn.Module, report: FusionReport) -> None:
+    """Make every "fused" entry true: the module at its path is a fastres module that fuses now.
+    (A module can change between optimize() calls, or be rewritten by a later pass.)"""
+    for e in report.fused:
+        try:
+            m = model.get_submodule("" if e.path == "<model>" else e.path)
+        except AttributeError:
+            e.fused, e.detail = False, "no longer in the model"
+            continue
+        if not isinstance(m, (_FusedBlock, FusedConv2d)):
+            e.fused, e.detail = False, f"no longer fused: it is a {type(m).__name__}"
+            continue
+        reason = m.fallback_reason
+        if reason:
+            e.fused, e.detail = False, f"runs unfused: {reason}"
+
+
 def optimize(model: nn.Module, *, blocks: bool = True, chains: bool = True, verify: bool = True,
-             verbose: bool = False) -> nn.Module:
-    """Swap fused modules into `model` in place and return it.
+             trust: tuple = (), verbose: bool = False) -> nn.Module:
+    """Fuse `model`'s ResNet blocks and conv -> BN (-> ReLU) chains in place; return the model.
 
     blocks: fuse BasicBlock/Bottleneck-shaped blocks (found by structure).
     chains: fuse conv -> BN (-> ReLU) chains elsewhere (the stem), found with torch.fx.
-    verify: probe each candidate block on a float64 copy before fusing it (recommended).
-    The report (fastres.fusion_report(model)) lists what was fused and what was left alone, and
-    why. Works in either train or eval mode: fused modules run fused kernels only when their
-    BatchNorms are in eval mode.
+    verify: probe blocks whose forward fastres does not know on a float64 copy before fusing
+        them (without it, only torchvision's, timm's and trusted blocks are fused).
+    trust: block classes whose forward you vouch computes torchvision's formula from its
+        children: fused without a probe.
+    The modules stay the same objects (their classes swapped; restore() swaps back), so hooks,
+    attributes, isinstance, pickling and state_dict keys are kept. optimize() never runs user
+    hooks, and leaves alone modules whose hooks or parametrizations a kernel would bypass.
+    The report (fastres.fusion_report(model)) lists what was fused, what was left alone, and
+    why; calling optimize() again adds to it. Works in train or eval mode.
     """
     if isinstance(model, _FASTRES_MODULES):
         raise ValueError("optimize(): pass the model that contains the blocks, not a fastres module")
+    previous = fusion_report(model)
     report = FusionReport()
+    if previous is not None:
+        report.entries = [e for e in previous.entries if e.fused]
     if blocks:
-        _convert_blocks(model, report, verify)
+        _convert_blocks(model, report, verify, tuple(trust))
     if chains:
         _convert_chains(model, report)
-    _reports[model] = report
+    _check_report(model, report)
+    model.__dict__["_fastres_report"] = report
     if verbose:
         print(report)
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo optimize(): put the original modules back, in place; return the model."""
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, _FusedBlock) and child._original is not None:
-                original = child._original
-                original._modules.update(child._modules)
-                original.training = child.training
-                setattr(parent, name, original)
-            elif isinstance(child, (FusedConv2d, FoldedBatchNorm2d, FoldedReLU)):
-                original = child.__dict__["_fastres_original"]
-                original.training = child.training
-                setattr(parent, name, original)
-    _reports.pop(model, None)
+    """Undo optimize(): every swapped module gets its own class back, in place; return the
+    model (state_dict, hooks and attributes as they are now)."""
+    for m in list(model.modules()):
+        if isinstance(m, _FusedBlock) and type(m)._fastres_original_class is not None:
+            unswap_block(m)
+        elif isinstance(m, (FusedConv2d, FoldedBatchNorm2d, FoldedReLU)):
+            unswap_chain_module(m)
+    model.__dict__.pop("_fastres_report", None)
     return model
 
 
 def refresh(model: nn.Module) -> None:
-    """Drop every cached folded weight in `model`. Only needed after editing parameters through
-    `.data` in place, which PyTorch's version counters (and so fastres's cache) cannot see."""
+    """Drop every cached folded weight in `model`. Needed only after writes that PyTorch's
+    version counters do not see and no optimizer step or train-mode forward followed: in-place
+    edits through `param.data`, foreign kernels, a DDP buffer broadcast of values changed on
+    another rank outside training (see fastres.folding)."""
     for m in model.modules():
         caches = []
         if isinstance(m, _FusedBlock):
-            caches = list(m._fold_caches.values())
-        elif isinstance(m, (FusedConvBNReLU,)):
+            caches = list(m.__dict__.get("_fastres_caches", {}).values())
+        elif isinstance(m, FusedConvBNReLU):
             caches = [m._fold_cache]
         elif isinstance(m, FusedConv2d):
-            caches = [m.__dict__["_fold_cache"]]
+            caches = [m.__dict__["_fastres_fold_cache"]]
         for c in caches:
             c.clear()

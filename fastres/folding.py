@@ -9,8 +9,19 @@ version counter (bumped by every in-place write: optimizer steps, load_state_dic
 dtype, device, shape and strides, plus eps. `.to()`, `.half()` and friends give a parameter new
 storage, so they change the key too. The cache holds a reference to the storages it was computed
 from, so a freed storage's address cannot be reused by a new tensor and alias a stale entry.
-The one write it cannot see is an in-place edit through `param.data`, which PyTorch deliberately
-hides from version counters: call fastres.refresh(model) after such edits.
+Version counters are not the whole story: torch's own batch-norm kernels update running_mean and
+running_var in place without bumping them, and so do fused optimizers (`fused=True`) for the
+parameters and DDP's buffer broadcast. So the key also holds
+* num_batches_tracked, which nn.BatchNorm2d increments with a Python-level add_ on every
+  train-mode forward that updates the statistics (a version bump), and
+* a process-wide generation, bumped after every optimizer step (a global step hook) and every
+  train-mode forward of a fastres module, fused or not.
+What remains unseen: in-place edits through `param.data` (PyTorch hides them from version
+counters on purpose), writes by foreign C++/CUDA code, and a DDP buffer broadcast of values
+that only another rank changed outside training. Call fastres.refresh(model) after those.
+Inference tensors (a model built under torch.inference_mode()) have no version counter: their
+folds are recomputed on every call. Under torch.compile, torch.jit.trace and with autograd
+recording, the fold is recomputed too (traced into the graph / differentiable).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -57,8 +69,23 @@ def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
                         bn.running_var, bn.eps, dtype=dtype, memory_format=memory_format)
 
 
+_generation = 0
+
+
+def invalidate_all(*_args) -> None:
+    """Make every FoldCache in the process recompute on its next use (cheap: one integer)."""
+    global _generation
+    _generation += 1
+
+
+# Fused optimizers write parameters without bumping their version counters; every optimizer
+# step therefore invalidates the folds (they are recomputed once, at the next eval forward).
+register_optimizer_step_post_hook(invalidate_all)
+
+
 class FoldCache:
-    """Caches one computed value per set of source tensors; recomputes when any source changed."""
+    """Caches one computed value per set of source tensors; recomputes when any source changed.
+    A cache is not state: pickling or deep-copying a module gives it an empty one."""
 
     def __init__(self) -> None:
         self._key = None
@@ -68,21 +95,33 @@ class FoldCache:
     def clear(self) -> None:
         self._key, self._value, self._keep_alive = None, None, []
 
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo):
+        return FoldCache()
+
     def get(self, sources: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], object]):
         """The cached value, recomputed if any source tensor changed. A source's signature is
         (data pointer, version counter, dtype): a new dtype, device, shape or storage means a
         new data pointer (the cache keeps the old storages alive, so pointers cannot be
         recycled), and every in-place write bumps the version."""
-        if torch.compiler.is_compiling():
-            # Under torch.compile the folding is traced into the graph (inductor fuses it);
-            # version counters are not visible to the tracer.
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # Traced into the graph (inductor fuses it; a TorchScript trace recomputes it from
+            # the parameters on every run instead of freezing today's folded weights).
             return compute()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
             # Autograd is recording through the parameters (frozen-BN training, eval-mode
             # gradients): fold afresh, differentiably, so gradients reach the conv and BN.
             return compute()
+        if any(t is not None and t.is_inference() for t in sources):
+            return compute()  # no version counter to key on
         key = [None if t is None else (t.data_ptr(), t._version, t.dtype) for t in sources]
         key.append(extra)
+        key.append(_generation)
         if key != self._key:
             with torch.no_grad():
                 value = compute()
@@ -102,6 +141,8 @@ def _member(module: nn.Module, store: str, name: str):
 
 
 def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
+    """The tensors a fold reads, and num_batches_tracked (see the module docstring)."""
     return [_member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias"),
             _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"),
-            _member(bn, "_buffers", "running_mean"), _member(bn, "_buffers", "running_var")]
+            _member(bn, "_buffers", "running_mean"), _member(bn, "_buffers", "running_var"),
+            _member(bn, "_buffers", "num_batches_tracked")]

@@ -5,124 +5,60 @@
 * FusedBasicBlock / FusedBottleneck: the torchvision blocks (same constructor, same child names,
   so state_dicts load both ways with strict=True); eval forward = 2 / 3 kernel launches, the
   downsample conv1x1+BN (if any) reduced into the last conv's accumulator.
-* FusedConv2d / FoldedBatchNorm2d / FoldedReLU: what fastres.optimize() puts in place of a
-  conv -> bn -> relu chain whose modules are separate attributes of a parent (the ResNet stem);
-  the conv applies BN and ReLU in both modes, the other two pass their input through.
-  They share their parameter/buffer/child dicts with the modules they replace, so the state_dict
-  is unchanged and fastres.restore() can hand the originals back in sync.
+* What fastres.optimize() does to existing modules, in place (the same objects, whose class is
+  swapped, so attributes, hooks, isinstance and identity are all kept; restore() swaps back):
+  - a block of class B becomes a `FusedB`, a subclass of both B and FusedBasicBlock /
+    FusedBottleneck (fused_block_class); whenever the fused path does not apply, B.forward runs;
+  - a conv -> bn -> relu chain whose modules are separate attributes of a parent (the ResNet
+    stem): the conv becomes a FusedConv2d that applies BN and ReLU, the BN a FoldedBatchNorm2d
+    and the ReLU a FoldedReLU, which pass their input through while the chain is fused.
 
-Which path runs is decided by the BatchNorms' own `training` flags, the single source of truth:
-* all BNs in eval -> the folded path. It is differentiable: with autograd recording, the BN is
-  folded afresh (not from the cache) and gradients flow through the fused op's backward to the
-  input, the conv weights and the BN's affine parameters - frozen-BN training runs fused.
-* all of a block's BNs in train mode -> fastres::block_train (fastres.training): batch
-  statistics in the conv epilogues, BN + ReLU in the next conv's prologue, fused BN backward;
-  running statistics updated exactly as nn.BatchNorm2d does. Where the kernels do not run (CPU
-  without TRITON_INTERPRET), the block runs its unfused computation.
-* FusedConvBNReLU / FusedConv2d with its BN in train mode -> the same op for one conv -> BN
-  (-> ReLU) chain (fastres.training.chain_train).
-* a mix of train and eval BNs in one block -> exactly the unfused computation (running-stat
-  updates included).
+Which path runs is decided on every call:
+* the unfused modules (exactly the original computation) whenever a fused kernel could not keep
+  the original's behaviour: a hook or parametrization on a module the kernel replaces, global
+  module hooks, torch.fx tracing, TorchScript tracing in train mode, a call with other arguments
+  than one tensor, a non-4-D input (nn.BatchNorm2d's own error then), a conv/BN/child the
+  kernels do not take, and for probed (unknown) block forwards, children or plain attributes
+  that differ from the ones optimize() probed;
+* otherwise the BatchNorms' own `training` flags: all in eval -> the folded path (differentiable:
+  with autograd recording the BN is folded afresh and gradients reach the conv and BN
+  parameters, so frozen-BN training runs fused); all in train mode -> fastres::block_train
+  (fastres.training) where the kernels run (CUDA, or the CPU under TRITON_INTERPRET), else the
+  unfused modules; a mix -> the unfused modules.
 Under autocast, inputs and conv weights are cast to the autocast dtype as eager convolutions
-cast them; BN parameters and running statistics stay in their own dtype.
-Within the fused path, inputs the kernel does not handle fall back to the reference
-computation, documented per case in `fallback_reason`:
-  * dtypes other than float32/float16/bfloat16 (e.g. float64),
-  * convs the kernel cannot do: groups > 1, padding_mode other than 'zeros', asymmetric 'same'.
-Input that is simply wrong (mismatched dtypes or devices, wrong rank, wrong residual shape)
-raises a clear error instead.
+cast them; BN parameters and running statistics stay in their own dtype. Within the fused
+path, dtypes other than float32/float16/bfloat16 (float64) run the reference computation.
+Input that is simply wrong (mismatched dtypes or devices, wrong residual shape) raises a clear
+error instead.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+import inspect
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastres import reference
-from fastres.folding import FoldCache, conv_bn_sources, fold_modules
+from fastres.anatomy import (KnownForward, attributes_changed, bn_train_unfusable_reason,
+                             bn_unfusable_reason, conv_padding, conv_unfusable_reason,
+                             global_hooks_registered, hooks_reason, known_forward_reason,
+                             shortcut_unfusable_reason, structure_changed, submodule_hooks_reason)
+from fastres.folding import FoldCache, conv_bn_sources, fold_modules, invalidate_all
 from fastres.ops import (SUPPORTED_DTYPES, backend_for, conv_bn_act, execution_plan,
                          torch_conv_bn_act)
+from fastres.training import block_train, chain_train
 
 
 # ---------------------------------------------------------------------------------------------
-# What the kernel can fuse
-
-def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
-    """The conv's padding as a pair, or None when it is not a symmetric zero padding."""
-    if conv.padding_mode != "zeros":
-        return None
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            pads.append(total // 2)
-        return tuple(pads)
-    return tuple(conv.padding)
-
-
-def conv_unfusable_reason(conv: nn.Module, check_type: bool = True) -> Optional[str]:
-    if check_type and (type(conv).forward is not nn.Conv2d.forward or not isinstance(conv, nn.Conv2d)):
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups}) is not supported by the kernel"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} is not supported by the kernel"
-    if conv_padding(conv) is None:
-        return "asymmetric 'same' padding is not supported by the kernel"
-    return None
-
-
-def bn_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
-    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
-    if bn.running_mean is None or bn.running_var is None:
-        return ("BatchNorm2d without running stats normalises with batch statistics even in eval "
-                "mode, so it cannot be folded")
-    if bn.num_features != channels:
-        return f"BatchNorm2d has {bn.num_features} features, the conv has {channels} outputs"
-    return None
-
-
-def bn_train_unfusable_reason(bn: nn.Module, channels: int) -> Optional[str]:
-    """Why a BN cannot run in the fused training path (which, unlike folding, needs no running
-    statistics: without them it normalises with the batch's and updates nothing)."""
-    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
-    if bn.num_features != channels:
-        return f"BatchNorm2d has {bn.num_features} features, the conv has {channels} outputs"
-    return None
-
-
-def shortcut_unfusable_reason(ds: nn.Module, bn_reason=bn_unfusable_reason) -> Optional[str]:
-    """None when a block's downsample is nn.Sequential([nn.Identity, ...,] 1x1 conv, BN) - the
-    leading identities are timm's stride-1 "avg-pool" shortcut - so that its last two modules
-    are the conv and BN the kernel reduces as its second GEMM."""
-    mods = list(ds) if isinstance(ds, nn.Sequential) else []
-    if (len(mods) < 2 or any(type(m) is not nn.Identity for m in mods[:-2])
-            or not isinstance(mods[-2], nn.Conv2d) or mods[-2].kernel_size != (1, 1)
-            or conv_padding(mods[-2]) != (0, 0) or mods[-2].dilation != (1, 1)):
-        names = " + ".join(type(m).__name__ for m in mods) if mods else type(ds).__name__
-        return f"shortcut is {names}, not a 1x1 conv + BatchNorm2d"
-    return conv_unfusable_reason(mods[-2]) or bn_reason(mods[-1], mods[-2].out_channels)
-
+# Per call: what the input and the context allow
 
 def _kernels_train(x: Tensor) -> bool:
     """Whether the fused training op runs for x: the Triton kernels on x's device (CUDA, or the
     CPU under TRITON_INTERPRET) and a dtype they take."""
     return _fallback_reason(x) is None and backend_for(x) == "triton"
-
-
-def _chain_train(conv, bn, relu: bool, x: Tensor, named_convs) -> Tensor:
-    from fastres.training import chain_train  # training imports this module
-    x, unbatched = _prepare_input(x, named_convs)
-    out = chain_train(conv, bn, relu, x)
-    return out.squeeze(0) if unbatched else out
 
 
 def _fallback_reason(x: Tensor) -> Optional[str]:
@@ -132,14 +68,27 @@ def _fallback_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def _as_batched(x: Tensor) -> Tuple[Tensor, bool]:
-    """nn.Conv2d accepts an unbatched (C, H, W) input; so do the fused modules."""
-    if x.dim() == 3:
-        return x.unsqueeze(0), True
+def _call_reason(args: tuple, kwargs: dict, training: bool) -> Optional[str]:
+    """Why this call must run the unfused modules, whatever the modules are (None: it may fuse)."""
+    if kwargs or len(args) != 1:
+        return "called with other arguments than one input tensor"
+    x = args[0]
+    if not isinstance(x, Tensor):
+        return "input is not a tensor (torch.fx tracing: the unfused modules are traced)"
     if x.dim() != 4:
-        raise ValueError(f"fastres: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got shape "
-                         f"{tuple(x.shape)}")
-    return x, False
+        return f"{x.dim()}-D input (nn.BatchNorm2d takes 4-D input only)"
+    if training and torch.jit.is_tracing():
+        return "TorchScript tracing in train mode traces the unfused modules"
+    if global_hooks_registered():
+        return "global module hooks are registered"
+    return None
+
+
+def _note_training() -> None:
+    """A BN ran (or is about to run) in train mode: its running statistics change in place
+    without a version bump, so every cached fold must be recomputed."""
+    if not torch.compiler.is_compiling():
+        invalidate_all()
 
 
 def _fused_conv_bn(x: Tensor, conv: nn.Conv2d, folded: Tuple[Tensor, Tensor], relu: bool,
@@ -165,11 +114,10 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _prepare_input(x: Tensor, named_convs) -> Tuple[Tensor, bool]:
-    """(x batched, and cast to the autocast dtype when autocast is on; was it unbatched).
-    Checks that the convs' weights are on x's device and, without autocast, of x's dtype (under
-    autocast the weights are cast, as eager convolutions cast them)."""
-    x, unbatched = _as_batched(x)
+def _prepare_input(x: Tensor, named_convs) -> Tensor:
+    """x cast to the autocast dtype when autocast is on. Checks that the convs' weights are on
+    x's device and, without autocast, of x's dtype (under autocast the weights are cast, as
+    eager convolutions cast them)."""
     cast = autocast_dtype(x)
     if cast is not None:
         x = x.to(cast)
@@ -179,13 +127,26 @@ def _prepare_input(x: Tensor, named_convs) -> Tuple[Tensor, bool]:
             raise TypeError(f"fastres: input dtype {x.dtype} does not match {name}.weight dtype {w.dtype}")
         if w.device != x.device:
             raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
-    return x, unbatched
+    return x
 
 
 def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format,
           dtype: torch.dtype):
     return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt, dtype),
                      lambda: fold_modules(conv, bn, fmt, dtype))
+
+
+def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format,
+          dtype: torch.dtype):
+    return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt, dtype),
+                     lambda: fold_modules(conv, bn, fmt, dtype))
+
+
+def _script_error(self) -> None:
+    raise RuntimeError(
+        f"fastres: torch.jit.script cannot compile {type(self).__name__} (fastres's fused modules "
+        "choose their path in Python on every call). Call fastres.restore(model) before "
+        "scripting, or use torch.jit.trace, torch.export or torch.compile on the optimized model.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +180,8 @@ class FusedConvBNReLU(nn.Sequential):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "FusedConvBNReLU":
         """Wrap existing modules (shared, not copied). Raises ValueError if they cannot fuse."""
-        reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+        reason = (conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
+                  or hooks_reason(conv) or hooks_reason(bn))
         if reason:
             raise ValueError(f"FusedConvBNReLU.from_modules: {reason}")
         self = cls.__new__(cls)
@@ -235,98 +197,174 @@ class FusedConvBNReLU(nn.Sequential):
             return nn.Sequential(*list(self._modules.values())[idx])
         return super().__getitem__(idx)
 
+    def _modules_reason(self, bn_reason) -> Optional[str]:
+        conv, bn = self[0], self[1]
+        if len(self) > 3 or (len(self) == 3 and type(self[2]) is not nn.ReLU):
+            return "the Sequential holds other modules than conv, BN and an nn.ReLU"
+        for m in self:
+            reason = hooks_reason(m)
+            if reason:
+                return reason
+        return conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
+
     @property
     def fallback_reason(self) -> Optional[str]:
-        return conv_unfusable_reason(self[0]) or bn_unfusable_reason(self[1], self[0].out_channels)
+        """Why the eval forward runs the unfused modules whatever the input (None: it fuses)."""
+        return self._modules_reason(bn_unfusable_reason)
 
     @property
     def train_fallback_reason(self) -> Optional[str]:
         """Why a train-mode forward runs the unfused modules whatever the input (None: fused)."""
-        return conv_unfusable_reason(self[0]) or bn_train_unfusable_reason(self[1], self[0].out_channels)
+        return self._modules_reason(bn_train_unfusable_reason)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args, **kwargs) -> Tensor:
         conv, bn, relu = self[0], self[1], len(self) > 2
         if bn.training:
-            if self.train_fallback_reason or not _kernels_train(x):
-                return super().forward(x)
-            return _chain_train(conv, bn, relu, x, [("0", conv)])
-        if self.fallback_reason or _fallback_reason(x):
-            return super().forward(x)
-        x, unbatched = _prepare_input(x, [("0", conv)])
+            _note_training()
+            if (_call_reason(args, kwargs, True) or self.train_fallback_reason
+                    or not _kernels_train(args[0])):
+                return super().forward(*args, **kwargs)
+            return chain_train(conv, bn, relu, _prepare_input(args[0], [("0", conv)]))
+        if (_call_reason(args, kwargs, False) or self.fallback_reason
+                or _fallback_reason(args[0])):
+            return super().forward(*args, **kwargs)
+        x = _prepare_input(args[0], [("0", conv)])
         eager_torch, fmt = execution_plan(x)
-        out = _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, fmt, x.dtype), relu,
-                             eager_torch)
-        return out.squeeze(0) if unbatched else out
+        return _fused_conv_bn(x, conv, _fold(self._fold_cache, conv, bn, fmt, x.dtype), relu,
+                              eager_torch)
+
+    __prepare_scriptable__ = _script_error
 
 
 # ---------------------------------------------------------------------------------------------
 # conv -> bn -> relu chain whose modules are attributes of a parent (the ResNet stem)
+#
+# optimize() swaps the classes of the three modules in place. While the chain is fused, the
+# conv computes relu?(bn(conv(x))) and the BN and ReLU pass their input through; whenever a
+# module-level reason forbids fusing (a hook or parametrization on any of the three, global
+# hooks, torch.fx tracing, a conv or BN the kernels do not take), each of the three runs its own
+# original computation instead, so hooks see exactly the tensors they saw before optimize().
 
-def _share_state(cls, original: nn.Module) -> nn.Module:
-    """A `cls` instance that shares the original's parameter, buffer and child dicts, so both
-    always see the same tensors (state_dict unchanged, restore() trivially in sync)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(original.__dict__)
-    new.__dict__["_fastres_original"] = original
-    return new
+def _chain_modules_reason(conv: "FusedConv2d") -> Optional[str]:
+    """Why the chain that `conv` heads runs as three plain modules right now (None: fused)."""
+    d = conv.__dict__
+    bn, relu = d["_fastres_bn"], d["_fastres_relu"]
+    if type(bn) is not FoldedBatchNorm2d or (relu is not None and type(relu) is not FoldedReLU):
+        return "the BN or ReLU was replaced or changed class"
+    for m in (conv, bn, relu):
+        if m is not None:
+            reason = hooks_reason(m)
+            if reason:
+                return reason
+    if global_hooks_registered():
+        return "global module hooks are registered"
+    bn_reason = bn_train_unfusable_reason if bn.training else bn_unfusable_reason
+    return (conv_unfusable_reason(conv, FusedConv2d)
+            or bn_reason(bn, conv.out_channels, (FoldedBatchNorm2d,)))
+
+
+def _traced_unfused(x) -> bool:
+    """TorchScript tracing in train mode records the three plain modules."""
+    return torch.jit.is_tracing() and torch.is_grad_enabled()
+
+
+def _fx_leaf(module: nn.Module, x: "torch.fx.Proxy"):
+    """Under torch.fx tracing (torchvision's create_feature_extractor, symbolic_trace), record
+    a call of the module itself, as fx records the nn.Conv2d/BatchNorm2d/ReLU it stands for:
+    the graph keeps the original node names, and the module decides fused or not when it runs."""
+    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(module), (x,), {})
 
 
 class FusedConv2d(nn.Conv2d):
     """An nn.Conv2d that also applies the BatchNorm after it and optionally the following ReLU:
     folded in eval mode, with batch statistics (fastres.training.chain_train) in train mode.
-    Made by fastres.optimize(); the BN becomes a FoldedBatchNorm2d and the ReLU a FoldedReLU,
-    which pass their input through."""
+    Made by fastres.optimize() from the conv itself (its class swapped, see above)."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, fuse_relu: bool) -> "FusedConv2d":
-        new = _share_state(cls, conv)
-        new.__dict__["_folded_bn"] = bn  # not registered as a child: its parent owns it
-        new.__dict__["_fuse_relu"] = fuse_relu
-        new.__dict__["_fold_cache"] = FoldCache()
-        return new
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[nn.ReLU],
+                  fuse_relu: bool) -> "FusedConv2d":
+        """Swap conv, bn (and relu, the ReLU module after them, if it is called only there)
+        in place; fuse_relu: apply a ReLU in the kernel (a functional or shared one stays)."""
+        conv.__class__ = cls
+        conv.__dict__.update(_fastres_bn=bn, _fastres_relu=relu, _fastres_fuse_relu=fuse_relu,
+                             _fastres_fold_cache=FoldCache())
+        bn.__class__ = FoldedBatchNorm2d
+        bn.__dict__["_fastres_conv"] = conv
+        if relu is not None:
+            relu.__class__ = FoldedReLU
+            relu.__dict__["_fastres_conv"] = conv
+        return conv
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        return _chain_modules_reason(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self._folded_bn
+        d = self.__dict__
+        bn, fuse_relu = d["_fastres_bn"], d["_fastres_fuse_relu"]
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         if bn.training:
-            if (conv_unfusable_reason(self, check_type=False)
-                    or bn_train_unfusable_reason(bn, self.out_channels) or not _kernels_train(x)):
+            _note_training()
+        if _traced_unfused(x) or _chain_modules_reason(self):
+            return nn.Conv2d.forward(self, x)  # the BN and ReLU run themselves
+        if x.dim() != 4:  # the BN this conv stands for would refuse it
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        if bn.training:
+            if not _kernels_train(x):
                 # Exactly the unfused modules: nn.BatchNorm2d's own train-mode forward
                 # (running statistics, num_batches_tracked), then the ReLU.
-                out = nn.BatchNorm2d.forward(bn, super().forward(x))
-                return F.relu(out) if self._fuse_relu else out
-            return _chain_train(self, bn, self._fuse_relu, x, [("conv", self)])
-        if conv_unfusable_reason(self, check_type=False) or _fallback_reason(x):
-            out = F.batch_norm(super().forward(x), bn.running_mean, bn.running_var, bn.weight,
-                               bn.bias, False, 0.0, bn.eps)
-            return F.relu(out) if self._fuse_relu else out
-        x, unbatched = _prepare_input(x, [("conv", self)])
+                out = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(self, x))
+                return F.relu(out) if fuse_relu else out
+            return chain_train(self, bn, fuse_relu, _prepare_input(x, [("conv", self)]))
+        if _fallback_reason(x):
+            out = F.batch_norm(nn.Conv2d.forward(self, x), bn.running_mean, bn.running_var,
+                               bn.weight, bn.bias, False, 0.0, bn.eps)
+            return F.relu(out) if fuse_relu else out
+        x = _prepare_input(x, [("conv", self)])
         eager_torch, fmt = execution_plan(x)
-        folded = _fold(self._fold_cache, self, bn, fmt, x.dtype)
-        out = _fused_conv_bn(x, self, folded, self._fuse_relu, eager_torch)
-        return out.squeeze(0) if unbatched else out
+        folded = _fold(d["_fastres_fold_cache"], self, bn, fmt, x.dtype)
+        return _fused_conv_bn(x, self, folded, fuse_relu, eager_torch)
+
+    __prepare_scriptable__ = _script_error
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d fused into the preceding FusedConv2d: an identity, in either mode (the conv
-    applies it: folded in eval mode, with batch statistics in train mode)."""
-
-    @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
-        return _share_state(cls, bn)
+    """A BatchNorm2d fused into the FusedConv2d before it: an identity while the chain is fused
+    (the conv applies it: folded in eval mode, with batch statistics in train mode), itself
+    otherwise."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
+        if _traced_unfused(x) or _chain_modules_reason(self.__dict__["_fastres_conv"]):
+            return nn.BatchNorm2d.forward(self, x)
         return x
+
+    __prepare_scriptable__ = _script_error
 
 
 class FoldedReLU(nn.ReLU):
-    """A ReLU fused into the preceding FusedConv2d: an identity (the conv applies it)."""
-
-    @classmethod
-    def from_relu(cls, relu: nn.ReLU) -> "FoldedReLU":
-        return _share_state(cls, relu)
+    """A ReLU fused into the FusedConv2d before it: an identity while the chain is fused."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
+        if _traced_unfused(x) or _chain_modules_reason(self.__dict__["_fastres_conv"]):
+            return nn.ReLU.forward(self, x)
         return x
+
+    __prepare_scriptable__ = _script_error
+
+
+_CHAIN_ORIGINALS = {FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d, FoldedReLU: nn.ReLU}
+
+
+def unswap_chain_module(m: nn.Module) -> None:
+    """Undo FusedConv2d.from_conv for one of the three modules."""
+    m.__class__ = _CHAIN_ORIGINALS[type(m)]
+    for k in [k for k in m.__dict__ if k.startswith("_fastres_")]:
+        del m.__dict__[k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,141 +379,211 @@ def _conv1x1(cin, cout, stride=1):
 
 
 class _FusedBlock(nn.Module):
-    """Shared machinery of the fused blocks; subclasses define the conv/bn stages."""
+    """The fused forward of a ResNet block, shared by FusedBasicBlock/FusedBottleneck and the
+    classes optimize() swaps into existing blocks. Per-instance state lives in `_fastres_*`
+    entries of the instance dict (not registered: the state_dict is the original's):
+      _fastres_caches   a FoldCache per stage (and "last" for the last conv + shortcut)
+      _fastres_spec     the KnownForward of the block's own forward, or None when probed
+      _fastres_probed   for probed forwards: (submodules, plain attributes) as probed
+      _fastres_train_probe_reason   why the train-mode probe failed (None: it passed)
+    """
 
-    _reference: Callable = None  # reference.basic_block_reference / bottleneck_reference
-    _stages: Tuple[str, ...] = ()
+    _fastres_stages: Tuple[str, ...] = ()
+    _fastres_reference: Callable = None  # the torchvision formula of the kind
+    _fastres_original_class: Optional[type] = None  # set on classes made by fused_block_class
 
-    def _init_caches(self) -> None:
-        self._fold_caches = {name: FoldCache() for name in self._stages + ("last",)}
-        self.__dict__["_original"] = None  # the wrapped block, deliberately not a child module
+    def _fastres_init(self, spec: Optional[KnownForward], probed=None,
+                      train_probe_reason: Optional[str] = None) -> None:
+        d = self.__dict__
+        d["_fastres_caches"] = {name: FoldCache() for name in self._fastres_stages + ("last",)}
+        d["_fastres_spec"] = spec
+        d["_fastres_probed"] = probed
+        d["_fastres_train_probe_reason"] = train_probe_reason
 
-    @classmethod
-    def from_block(cls, block: nn.Module) -> "_FusedBlock":
-        """Wrap an existing block (torchvision, timm or user) in place: its children become this
-        module's children under the same names (shared, not copied), so the state_dict is the
-        same. fastres.optimize() checks a block can be wrapped before calling this."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in block.named_children():
-            new.add_module(name, child)
-        new.downsample = getattr(block, "downsample", None)  # None is a plain attribute
-        new.stride = getattr(block, "stride", None)
-        new._init_caches()
-        new.__dict__["_original"] = block
-        new.train(block.training)
-        return new
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if getattr(self, "_original", None) is not None:
-            self._original.training = mode
-        return self
-
-    def _pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+    def _fastres_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
         """(conv, bn) of each stage, then of the downsample if any. Reads the child dict
         directly: nn.Module.__getattr__ is slow enough to matter on small inputs."""
         mods = self._modules
-        pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._stages]
+        pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._fastres_stages]
         ds = mods.get("downsample")
         if ds is not None:
             pairs.append((ds[-2], ds[-1]))  # after any leading nn.Identity
         return pairs
 
-    def _modules_reason(self, pairs, bn_reason) -> Optional[str]:
+    def _fastres_conv_reason(self, bn_reason) -> Optional[str]:
         """The first conv, BN (judged by bn_reason) or shortcut the kernels cannot take."""
-        ds = self._modules.get("downsample")
+        mods = self._modules
+        if any(mods.get(n) is None for s in self._fastres_stages for n in (s, "bn" + s[-1])):
+            return "a stage's conv or BN was removed"
+        ds = mods.get("downsample")
         if ds is not None:
             reason = shortcut_unfusable_reason(ds, bn_reason)
             if reason:
                 return reason
-        for conv, bn in pairs:
+        for name in self._fastres_stages:
+            conv, bn = mods[name], mods["bn" + name[-1]]
             reason = conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
             if reason:
-                return reason
+                return f"{name}: {reason}"
         return None
 
-    def _static_reason(self, pairs) -> Optional[str]:
-        return self._modules_reason(pairs, bn_unfusable_reason)
+    def _fastres_modules_reason(self, train: bool, call: bool = False) -> Optional[str]:
+        """Why the block runs its own (unfused) forward whatever the input, for a call with
+        every BN in train mode (train=True) or in eval mode (None: it fuses). call: judge the
+        modules' current train/eval flags too (on a call; the properties describe the modes)."""
+        d = self.__dict__
+        if "_fastres_caches" not in d:
+            return "made without fastres's set-up (e.g. by calling its class directly)"
+        reason = self._fastres_conv_reason(bn_train_unfusable_reason if train else bn_unfusable_reason)
+        if reason:
+            return reason
+        reason = submodule_hooks_reason(self)
+        if reason:
+            return reason
+        spec = d["_fastres_spec"]
+        if spec is not None:
+            # On a call the children's own flags decide; the properties assume the mode.
+            return known_forward_reason(self, spec, None if call else train)
+        probed = d["_fastres_probed"]
+        if probed is None:
+            return "its forward is neither known to fastres nor probed"
+        reason = structure_changed(self, probed[0]) or attributes_changed(self, probed[1])
+        if reason:
+            return reason
+        # A probed forward was checked with every module in one mode.
+        if call and any(m.training != train for m in self.modules()):
+            return f"not every submodule is in {'train' if train else 'eval'} mode (probed that way)"
+        if train:
+            return d["_fastres_train_probe_reason"]
+        return None
 
     @property
     def fallback_reason(self) -> Optional[str]:
-        """Why the eval forward runs the reference path whatever the input (None: it fuses)."""
-        return self._static_reason(self._pairs())
-
-    def _unfused_forward(self, x: Tensor) -> Tensor:
-        if self._original is not None:
-            # A wrapped block runs its own forward (timm's drop-path etc. included), on the same
-            # child modules as ours.
-            self._original._modules.update(self._modules)
-            return self._original(x)
-        return type(self)._reference(self, x)
-
-    def _train_reason(self, pairs) -> Optional[str]:
-        """Why a train-mode forward runs the unfused block (None: it runs fastres::block_train)."""
-        reason = self._modules_reason(pairs, bn_train_unfusable_reason)
-        if reason:
-            return reason
-        if self._original is not None:
-            # A wrapped block's other children act in train mode too (timm's drop-path, drop-block,
-            # anti-aliasing...): only ReLUs and identities are known to match the fused block.
-            known = set(self._stages) | {"bn" + n[-1] for n in self._stages} | {"downsample"}
-            for name, child in self._modules.items():
-                if name not in known and child is not None and type(child) not in (nn.ReLU, nn.Identity):
-                    return f"child {name!r} ({type(child).__name__}) may act differently in training"
-        return self.__dict__.get("_train_probe_reason")  # set by fastres.optimize()'s probe
+        """Why the eval forward runs the unfused block whatever the input (None: it fuses)."""
+        return self._fastres_modules_reason(False)
 
     @property
     def train_fallback_reason(self) -> Optional[str]:
-        """Why the train-mode forward runs the unfused block whatever the input (None: fused)."""
-        return self._train_reason(self._pairs())
+        """Why the train-mode forward runs the unfused block whatever the input (None: fused
+        where the kernels run)."""
+        return self._fastres_modules_reason(True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        pairs = self._pairs()
+    def _fastres_unfused(self, *args, **kwargs):
+        original = type(self)._fastres_original_class
+        if original is not None:
+            return original.forward(self, *args, **kwargs)
+        return type(self)._fastres_reference(self, *args, **kwargs)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        pairs = self._fastres_pairs() if "_fastres_caches" in self.__dict__ else []
         training = [bn.training for _, bn in pairs]
-        if any(training):
-            # Train mode: the fused training op when every BN is in train mode (a mix of frozen
-            # and training BNs runs unfused) and the kernels run on x's device.
-            if not all(training) or self._train_reason(pairs) or not _kernels_train(x):
-                return self._unfused_forward(x)
-            x, unbatched = _prepare_input(x, [(name, conv) for name, (conv, _) in
-                                              zip(self._stages + ("downsample",), pairs)])
-            from fastres.training import block_train  # training imports this module
-            out = block_train(self, x)
-            return out.squeeze(0) if unbatched else out
-        if self._static_reason(pairs) or _fallback_reason(x):
-            return self._unfused_forward(x)
-        x, unbatched = _prepare_input(x, [(name, conv) for name, (conv, _) in
-                                              zip(self._stages + ("downsample",), pairs)])
+        train = any(training)
+        if train:
+            _note_training()
+        if (not pairs or _call_reason(args, kwargs, train) or (train and not all(training))
+                or self._fastres_modules_reason(train, call=True)):
+            return self._fastres_unfused(*args, **kwargs)
+        x = args[0]
+        if train:
+            if not _kernels_train(x):
+                return self._fastres_unfused(x)
+            x = _prepare_input(x, [(name, conv) for name, (conv, _) in
+                                   zip(self._fastres_stages + ("downsample",), pairs)])
+            return block_train(self, x)
+        if _fallback_reason(x):
+            return self._fastres_unfused(x)
+        x = _prepare_input(x, [(name, conv) for name, (conv, _) in
+                               zip(self._fastres_stages + ("downsample",), pairs)])
         eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
         dtype = x.dtype
-        caches = self._fold_caches
-        n = len(self._stages)
+        caches = self.__dict__["_fastres_caches"]
+        n = len(self._fastres_stages)
         out = x
         # Every stage but the last: conv + folded BN + ReLU.
-        for name, (conv, bn) in zip(self._stages[:-1], pairs[:n - 1]):
+        for name, (conv, bn) in zip(self._fastres_stages[:-1], pairs[:n - 1]):
             out = _fused_conv_bn(out, conv, _fold(caches[name], conv, bn, fmt, dtype), True,
                                  eager_torch)
         # Last stage: conv + folded BN + shortcut + ReLU in one launch.
         last, last_bn = pairs[n - 1]
         if len(pairs) == n:
-            out = _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt, dtype), True,
-                                 eager_torch, residual=x)
-        else:
-            ds_conv, ds_bn = pairs[n]
-            w, w2, bias = caches["last"].get(
-                conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
-                (last_bn.eps, ds_bn.eps, fmt, dtype),
-                lambda: self._fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt, dtype))
-            out = _fused_conv_bn(out, last, (w, None), True, eager_torch,
-                                 shortcut=(x, w2, ds_conv.stride), bias=bias)
-        return out.squeeze(0) if unbatched else out
+            return _fused_conv_bn(out, last, _fold(caches["last"], last, last_bn, fmt, dtype),
+                                  True, eager_torch, residual=x)
+        ds_conv, ds_bn = pairs[n]
+        w, w2, bias = caches["last"].get(
+            conv_bn_sources(last, last_bn) + conv_bn_sources(ds_conv, ds_bn),
+            (last_bn.eps, ds_bn.eps, fmt, dtype),
+            lambda: self._fastres_fold_with_shortcut(last, last_bn, ds_conv, ds_bn, fmt, dtype))
+        return _fused_conv_bn(out, last, (w, None), True, eager_torch,
+                              shortcut=(x, w2, ds_conv.stride), bias=bias)
 
     @staticmethod
-    def _fold_with_shortcut(conv, bn, ds_conv, ds_bn, fmt, dtype):
+    def _fastres_fold_with_shortcut(conv, bn, ds_conv, ds_bn, fmt, dtype):
         w, b = fold_modules(conv, bn, fmt, dtype)
         w2, b2 = fold_modules(ds_conv, ds_bn, fmt, dtype)
         return w, w2, b + b2
+
+    @classmethod
+    def from_block(cls, block: nn.Module, trust: tuple = ()) -> nn.Module:
+        """Fuse an existing block (torchvision, timm or user) in place and return it: the same
+        object, its class swapped for one that is also a subclass of its own (see
+        fused_block_class). Raises ValueError (and changes nothing) if it cannot be fused.
+        Forwards fastres does not know are probed first (fastres.anatomy); `trust` lists block
+        classes whose forward the caller vouches for instead."""
+        from fastres.convert import fuse_block  # convert builds on this module
+        if isinstance(block, cls):
+            return block  # already fused
+        reason = fuse_block(block, trust=trust)
+        if reason:
+            raise ValueError(f"{cls.__name__}.from_block: {reason}")
+        return block
+
+    def __reduce_ex__(self, protocol):
+        original = type(self)._fastres_original_class
+        if original is None:
+            return super().__reduce_ex__(protocol)
+        # The swapped class is made at run time and cannot be found by name: pickle (and
+        # deepcopy) rebuild it from the user's class, which can.
+        return (_rebuild_fused_block, (original, self._fastres_stages[-1] == "conv3"),
+                self.__dict__.copy())
+
+    __prepare_scriptable__ = _script_error
+
+
+_fused_classes: Dict[Tuple[type, bool], type] = {}
+
+
+def fused_block_class(original: type, bottleneck: bool) -> type:
+    """The class optimize() gives a block of class `original`: a subclass of FusedBasicBlock or
+    FusedBottleneck (the fused forward) and of `original` (isinstance checks, methods). Where
+    both define a name - other than forward and fastres's own - the original's wins
+    (its __init__, `expansion`, ...)."""
+    key = (original, bottleneck)
+    cls = _fused_classes.get(key)
+    if cls is None:
+        base = FusedBottleneck if bottleneck else FusedBasicBlock
+        ours = {n for c in base.__mro__ if c not in nn.Module.__mro__ for n in vars(c)}
+        theirs = {n for c in original.__mro__ if c not in nn.Module.__mro__ for n in vars(c)}
+        keep = {"forward", "fallback_reason", "train_fallback_reason", "from_block",
+                "__reduce_ex__", "__prepare_scriptable__"}
+        shadowed = {n for n in ours & theirs if n not in keep and not n.startswith("_fastres")
+                    and (n == "__init__" or not (n.startswith("__") and n.endswith("__")))}
+        namespace = {n: inspect.getattr_static(original, n) for n in shadowed}
+        namespace.update(_fastres_original_class=original, __module__=original.__module__,
+                         __qualname__=f"Fused{original.__qualname__}")
+        cls = type(f"Fused{original.__name__}", (base, original), namespace)
+        _fused_classes[key] = cls
+    return cls
+
+
+def _rebuild_fused_block(original: type, bottleneck: bool) -> nn.Module:
+    return nn.Module.__new__(fused_block_class(original, bottleneck))
+
+
+def unswap_block(block: _FusedBlock) -> None:
+    """Undo from_block: the block's own class back, fastres's entries gone."""
+    block.__class__ = type(block)._fastres_original_class
+    for k in [k for k in block.__dict__ if k.startswith("_fastres_")]:
+        del block.__dict__[k]
 
 
 class FusedBasicBlock(_FusedBlock):
@@ -483,8 +591,8 @@ class FusedBasicBlock(_FusedBlock):
     conv1+bn1+relu, then conv2+bn2 (+ downsample conv1x1+bn as a second GEMM) + residual + relu."""
 
     expansion = 1
-    _reference = reference.basic_block_reference
-    _stages = ("conv1", "conv2")
+    _fastres_reference = reference.basic_block_reference
+    _fastres_stages = ("conv1", "conv2")
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -502,7 +610,7 @@ class FusedBasicBlock(_FusedBlock):
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
-        self._init_caches()
+        self._fastres_init(_OWN_FORWARD)
 
 
 class FusedBottleneck(_FusedBlock):
@@ -510,8 +618,8 @@ class FusedBottleneck(_FusedBlock):
     eval forward = 3 launches, the downsample fused into the last one."""
 
     expansion = 4
-    _reference = reference.bottleneck_reference
-    _stages = ("conv1", "conv2", "conv3")
+    _fastres_reference = reference.bottleneck_reference
+    _fastres_stages = ("conv1", "conv2", "conv3")
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -528,4 +636,8 @@ class FusedBottleneck(_FusedBlock):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self._init_caches()
+        self._fastres_init(_OWN_FORWARD)
+
+
+# fastres's own blocks: their unfused forward is the formula itself, through the children.
+_OWN_FORWARD = KnownForward("fastres")

@@ -272,11 +272,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
         stride2 = _pair(s2, "shortcut stride")
     args = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
             _pair(dilation, "dilation"), stride2, relu, fp32_precision or get_fp32_precision())
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or (
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _get_current_dispatch_mode() is not None) or (
             torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, weight, bias, residual, x2, w2))):
         return _conv_bn_act(*args)
     # Plain eager calls with nothing to differentiate skip the dispatcher's custom-op machinery,
     # which costs more than a small convolution; the implementation is the same function.
-    # (Under a dispatch mode - fake tensors, op counters - tools see the one registered op.)
+    # (Under a dispatch mode - fake tensors, op counters - and TorchScript tracing, tools see
+    # the one registered op.)
     return _conv_bn_act_impl(*args)

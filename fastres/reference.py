@@ -25,7 +25,8 @@ def basic_block_reference(block: nn.Module, x: Tensor) -> Tensor:
     """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))."""
     out = F.relu(block.bn1(block.conv1(x)))
     out = block.bn2(block.conv2(out))
-    identity = block.downsample(x) if block.downsample is not None else x
+    downsample = getattr(block, "downsample", None)
+    identity = downsample(x) if downsample is not None else x
     return F.relu(out + identity)
 
 
@@ -35,7 +36,8 @@ def bottleneck_reference(block: nn.Module, x: Tensor) -> Tensor:
     out = F.relu(block.bn1(block.conv1(x)))
     out = F.relu(block.bn2(block.conv2(out)))
     out = block.bn3(block.conv3(out))
-    identity = block.downsample(x) if block.downsample is not None else x
+    downsample = getattr(block, "downsample", None)
+    identity = downsample(x) if downsample is not None else x
     return F.relu(out + identity)
 
 

@@ -41,7 +41,7 @@ from fastres.kernels.bn_act import bn_act, same_layout
 from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK,
                                          BNGradInput, bn_relu_backward)
 from fastres.kernels.bn_stats import bn_finalize
-from fastres.modules import conv_padding
+from fastres.anatomy import conv_padding
 
 GEOMETRY_INTS = 6  # per conv: stride (2), padding (2), dilation (2)
 # What the op adds before its final ReLU: nothing (a conv -> BN -> ReLU chain such as the stem),

@@ -34,7 +34,7 @@ def test_fusion_is_what_the_expectations_record(measured):
 def test_gate_fails_when_a_block_is_unfused(measured, monkeypatch):
     """A change that stops fusing (here: blocks run their unfused forward) fails the gate."""
     monkeypatch.setattr(fastres.modules._FusedBlock, "forward",
-                        lambda self, x: self._unfused_forward(x))
+                        lambda self, x: self._fastres_unfused(x))
     ok, lines = gate.compare(measured, gate.measure())
     assert not ok
     changed = [line for line in lines if "CHANGED" in line]

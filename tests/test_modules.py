@@ -187,14 +187,15 @@ def test_conv_bn_relu_state_dict_matches_torchvision_conv_norm_activation():
         assert_close(fused.eval()(x), tv.eval().double()(x.double()), torch.float32, 72)
 
 
-def test_unbatched_input(device):
+def test_unbatched_input_is_refused_like_torchvision(device):
+    """A 3-D (C, H, W) input: nn.Conv2d would take it, nn.BatchNorm2d does not; the fused block
+    raises torchvision's error (see also tests/test_dropin.py)."""
     m = randomize_bn(FusedBasicBlock(16, 16)).eval().to(device)
     x = torch.randn(16, 7, 7, device=device)
-    with torch.no_grad():
-        out = m(x)
-        ref = copy.deepcopy(m).double()(x.double().unsqueeze(0))
-    assert out.shape == (16, 7, 7)
-    assert_close(out.unsqueeze(0), ref, torch.float32, stage_reductions(m))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        BasicBlock(16, 16).eval().to(device)(x)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        m(x)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
@@ -215,7 +216,7 @@ def test_frozen_bn_training_runs_fused_and_differentiates(kind, dtype, fmt, devi
     before = conv_kernels.launch_count()
     out = block(x)
     if USES_KERNELS:
-        assert conv_kernels.launch_count() - before == len(block._stages)  # fused, not fallen back
+        assert conv_kernels.launch_count() - before == len(block._fastres_stages)  # fused, not fallen back
     formula = reference.basic_block_reference if kind == "basic" else reference.bottleneck_reference
     outs = (out, formula(eager, x_eager), formula(ref, x_ref))
     grad = kink_free_grad(outs[2], dtype)
