@@ -99,7 +99,7 @@ fi
     echo
     echo "Benchmark table (median ms per call; fastres speedups; roofline fraction):"
     echo
-    sed -n '/^level /,/^(times/p' "$out/bench.log" | sed 's/^/    /'
+    sed -n '/^level /,/^(times/p; /^roofline /p' "$out/bench.log" | sed 's/^/    /'
 } > "$out/summary.md"
 cat "$out/summary.md"
 
