@@ -95,7 +95,7 @@ fi
     echo
     echo "Demo timings:"
     echo
-    grep -E "^  (original|fastres) " "$out/demo.log" | sed 's/^/    /'
+    grep -E "^  (original|fastres|ratio) " "$out/demo.log" | sed 's/^/    /'
     echo
     echo "Benchmark table (median ms per call; fastres speedups; roofline fraction):"
     echo
