@@ -251,10 +251,6 @@ def model_flops_bytes(case: ModelCase, elem: int) -> Tuple[float, float]:
     return flops, traffic
 
 
-def roofline_floor_s(flops: float, traffic: float, peak_flops: float, peak_bytes: float) -> float:
-    return max(flops / peak_flops, traffic / peak_bytes)
-
-
 def rotation_sets(bytes_per_set: float, cache_bytes: float, cap: int = 32) -> int:
     """How many input sets to cycle through so that no timed call finds its inputs in cache."""
     return max(2, min(cap, math.ceil(2 * cache_bytes / max(bytes_per_set, 1.0))))

@@ -95,11 +95,11 @@ fi
     echo
     echo "Demo timings:"
     echo
-    grep -E "^  (original|fastres) " "$out/demo.log" | sed 's/^/    /'
+    grep -E "^  (original|fastres|ratio) " "$out/demo.log" | sed 's/^/    /'
     echo
     echo "Benchmark table (median ms per call; fastres speedups; roofline fraction):"
     echo
-    sed -n '/^level /,/^(times/p' "$out/bench.log" | sed 's/^/    /'
+    sed -n '/^level /,/^(times/p; /^roofline /p' "$out/bench.log" | sed 's/^/    /'
 } > "$out/summary.md"
 cat "$out/summary.md"
 

@@ -38,8 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.interpreter_support import check_interpreter
+
 # The interpreter is chosen when @triton.jit runs, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRETED:
+    # Fail here, naming the fix, rather than with numpy's TypeError at the first launch.
+    check_interpreter()
 
 # Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used.
 INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)

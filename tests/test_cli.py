@@ -16,6 +16,7 @@ import fastres
 from fastres import cli
 
 TINY = ["demo", "--model", "resnet18", "--batch", "1", "--size", "32", "--iters", "1"]
+PASS = "demo: PASS (the checks above; speed is not a pass criterion)"
 
 
 @pytest.fixture
@@ -40,9 +41,14 @@ def test_demo(torch_path, capsys):
     # 8 blocks x 2 fused convs + the fused stem + maxpool, avgpool, linear.
     assert after == 20 < before
     assert _launches(out, "one BasicBlock") == (7, 2)
-    assert "timing: CPU (folded torch path, not the Triton kernels)" in out
+    assert "timing: CPU (folded torch path, not the Triton kernels), 1 interleaved forward " \
+        "per model (wall clock); median [interquartile range]" in out
+    assert re.search(r"original\s+\S+ ms/iter \[no spread: 1 iteration\]", out)
+    # One forward each: no spread, so no speed claim either way.
+    assert re.search(r"ratio\s+\S+x \[no spread: 1 iteration\]   original / fastres per "
+                     r"iteration; one iteration has no spread: no speed claim", out)
     assert "interpreter check" not in out
-    assert out.rstrip().endswith("demo: PASS")
+    assert out.rstrip().endswith(PASS)
 
 
 def test_demo_fails_when_the_check_fails(torch_path, capsys, monkeypatch):
@@ -62,7 +68,50 @@ def test_demo_interpreter_check(torch_path, capsys):
     # 8 blocks x 2 + the stem: the child ran the kernels, though this process forces the torch path.
     assert re.search(r"launches\s+17 fused-kernel launches per forward", out)
     assert re.search(r"subprocess\s+\S+ s, exit code 0", out)
-    assert out.rstrip().endswith("demo: PASS")
+    assert out.rstrip().endswith(PASS)
+
+
+def _spread(original_ms, fastres_ms):
+    return cli.Spread.of([b / f for b, f in zip(original_ms, fastres_ms)])
+
+
+def test_speed_verdict_claims_only_outside_the_noise():
+    """Synthetic per-iteration timings (ms) of five interleaved forwards."""
+    original = [10.0, 10.2, 9.9, 10.1, 10.0]
+    assert cli.speed_verdict(_spread(original, [8.0, 8.1, 7.9, 8.0, 8.2])) == "fastres faster"
+    assert cli.speed_verdict(_spread(original, [12.0, 12.1, 11.9, 12.3, 12.0])) == "fastres slower"
+    # Medians 10.5 vs 9.8 (1.07x), but the per-iteration ratios' quartiles, 0.96 and 1.07,
+    # straddle 1: the difference is inside the noise.
+    noisy = _spread([10.0, 12.0, 9.0, 11.0, 10.5], [9.5, 12.5, 8.0, 11.5, 9.8])
+    assert (noisy.q1, noisy.q3) == (pytest.approx(0.96), pytest.approx(1.0714, abs=1e-4))
+    assert cli.speed_verdict(noisy) == "within noise: no speedup or slowdown claimed"
+    # A quartile exactly at 1 is still inside.
+    assert cli.speed_verdict(cli.Spread(1.1, 1.0, 1.2)) == \
+        "within noise: no speedup or slowdown claimed"
+    assert cli.speed_verdict(_spread([10.0], [5.0])) == \
+        "one iteration has no spread: no speed claim"
+
+
+def test_spread_is_median_and_interquartile_range():
+    spread = cli.Spread.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (spread.median, spread.q1, spread.q3) == (3.0, 2.0, 4.0)
+    assert spread.format(" ms/iter", 2) == "3.00 ms/iter [IQR 2.00 - 4.00]"
+    assert cli.Spread.of([7.0]) == cli.Spread(7.0, None, None)
+
+
+def test_demo_does_not_claim_a_speedup_inside_the_noise(torch_path, capsys, monkeypatch):
+    """The timings of the noisy case above, as the demo's interleaved timer's result: the
+    medians alone would read as a 1.07x speedup."""
+    times = [[10.0, 12.0, 9.0, 11.0, 10.5], [9.5, 12.5, 8.0, 11.5, 9.8]]
+    monkeypatch.setattr(cli, "interleaved_times_ms", lambda fns, device, iters: times)
+    assert cli.main(TINY[:-1] + ["5", "--no-interpreter-check"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"original\s+10\.50 ms/iter \[IQR 10\.00 - 11\.00\]", out)
+    assert re.search(r"fastres\s+9\.80 ms/iter \[IQR 9\.50 - 11\.50\]", out)
+    assert re.search(r"ratio\s+1\.05x \[IQR 0\.96 - 1\.07\]   original / fastres per iteration; "
+                     r"within noise: no speedup or slowdown claimed", out)
+    assert not re.search(r"speedup \d|faster|slower", out)
+    assert out.rstrip().endswith(PASS)
 
 
 def test_fused_op_counts_as_one_launch(torch_path):
