@@ -146,13 +146,17 @@ def submodule_hooks_reason(block: nn.Module) -> Optional[str]:
     """The first hooked or parametrized module inside `block` (the block's own hooks are fine:
     they fire around the fused forward with the same tensors). Runs on every fused call, so it
     walks the child dicts directly (named_modules() costs several times more)."""
-    stack = [(name, m) for name, m in block._modules.items() if m is not None]
+    stack = list(block._modules.items())
     while stack:
         name, m = stack.pop()
+        if m is None:
+            continue
+        children = m._modules
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks or "parametrizations" in m._modules):
+                or m._backward_pre_hooks or "parametrizations" in children):
             return f"{name}: {hooks_reason(m)}"
-        stack.extend((f"{name}.{k}", c) for k, c in m._modules.items() if c is not None)
+        if children:
+            stack.extend((f"{name}.{k}", c) for k, c in children.items())
     return None
 
 
