@@ -86,11 +86,14 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
             if PROLOGUE:
                 # relu(a * scale[c] + shift[c]) in fp32, zero where nothing was loaded (the
                 # padding is zero after the ReLU in the unfused graph too), rounded back to the
-                # input dtype as the unfused graph stores it. Written out here and in the loop
-                # below: Triton's interpreter cannot call a jit helper from a jit helper.
+                # input dtype as the unfused graph stores it. The ReLU is a select, not
+                # tl.maximum, which would turn NaN into 0 (torch.relu keeps NaN). Written out
+                # here and in the loop below: Triton's interpreter cannot call a jit helper
+                # from a jit helper.
                 scale = tl.load(scale_ptr + c, mask=kk < red, other=0.0)
                 shift = tl.load(shift_ptr + c, mask=kk < red, other=0.0)
-                act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+                act = a.to(tl.float32) * scale[None, :] + shift[None, :]
+                act = tl.where(act < 0, 0.0, act)
                 a = tl.where(mask_a, act, 0.0).to(a.dtype)
             b_off = offs_n[None, :] * swk + (c * swc + r * swr + s * sws)[:, None]
             b = tl.load(w_ptr + b_off, mask=(kk < red)[:, None] & mask_n[None, :], other=0.0)
@@ -117,7 +120,8 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
                 if PROLOGUE:  # as in the flat branch above
                     scale = tl.load(scale_ptr + c, mask=mask_c, other=0.0)
                     shift = tl.load(shift_ptr + c, mask=mask_c, other=0.0)
-                    act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+                    act = a.to(tl.float32) * scale[None, :] + shift[None, :]
+                    act = tl.where(act < 0, 0.0, act)
                     a = tl.where(mask_a, act, 0.0).to(a.dtype)
                 b = tl.load(w_tap + offs_n[None, :] * swk + c[:, None] * swc,
                             mask=mask_c[:, None] & mask_n[None, :], other=0.0)
@@ -207,7 +211,9 @@ def fused_conv2d_kernel(
             + offs_n.to(tl.int64)[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        # A select, not tl.maximum(acc, 0.0): max returns the non-NaN operand (so does the
+        # GPU's max instruction), while torch.relu keeps NaN; -inf -> 0, +inf stays.
+        acc = tl.where(acc < 0, 0.0, acc)
     o_off = (n64 * son + p_idx.to(tl.int64) * soh + q_idx.to(tl.int64) * sow)[:, None] \
         + offs_n.to(tl.int64)[None, :] * soc
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
