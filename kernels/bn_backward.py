@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastres.kernels.bn_act import same_layout
-from fastres.kernels.conv import INTERPRETED
+from fastres.kernels.conv import INTERPRETED, round_to
 
 NO_MASK, MASK_FROM_OUTPUT, MASK_FROM_AFFINE = 0, 1, 2
 
@@ -66,7 +66,7 @@ def _store_input_grad(g, y, mean_ptr, coef_ptr, dy_ptr, off, offs_c, mask_c, mas
     c = tl.load(coef_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     dy = a[None, :] * g + b[None, :] * (y - mean[None, :]) + c[None, :]
-    tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + off, round_to(dy, dy_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -175,7 +175,7 @@ def bn_backward_apply_kernel(g_ptr, gs_n, gs_hw, gs_c, src_ptr, y_ptr, mean_ptr,
         y2 = tl.load(y2_ptr + off, mask=mask, other=0.0).to(tl.float32)
         _store_input_grad(g, y2, mean2_ptr, coef2_ptr, dy2_ptr, off, offs_c, mask_c, mask, C)
     if WRITE_G:
-        tl.store(gout_ptr + off, g.to(gout_ptr.dtype.element_ty), mask=mask)
+        tl.store(gout_ptr + off, round_to(g, gout_ptr.dtype.element_ty), mask=mask)
 
 
 def _pixel_strides(t: torch.Tensor) -> Tuple[int, int, int]:
