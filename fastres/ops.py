@@ -227,7 +227,9 @@ def _backward(ctx, grad):
     stride, padding, dilation, stride2 = ctx.conv
     has_bias, has_residual = ctx.has
     needs = ctx.needs_input_grad
-    g = grad if out is None else grad * (out > 0)
+    # torch's own ReLU backward, (out <= 0 ? 0 : grad): grad * (out > 0) would turn an inf
+    # gradient at a masked position into NaN and drop the gradient at a NaN output.
+    g = grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
     dx, dw, _ = conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1], False))
     db = g.float().sum((0, 2, 3)) if has_bias and needs[2] else None
     dres = g if has_residual and needs[3] else None

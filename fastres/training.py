@@ -289,10 +289,12 @@ def _bn_relu_grads_torch(grad, bn: BNGradInput, mask, mask_output=None, affine=N
     """bn_relu_backward's contract in torch ops (float64 and CPU without the interpreter)."""
     acc = bn.mean.dtype
     g = grad.to(acc)
+    # The ReLU's backward as torch computes it (see kernels/bn_backward._masked_grad).
     if mask == MASK_FROM_OUTPUT:
-        g = g * (mask_output > 0)
+        g = torch.ops.aten.threshold_backward(g, mask_output.to(acc), 0)
     elif mask == MASK_FROM_AFFINE:
-        g = g * ((bn.y.to(acc) * _channel(affine[0]) + _channel(affine[1])) > 0)
+        g = torch.ops.aten.threshold_backward(
+            g, bn.y.to(acc) * _channel(affine[0]) + _channel(affine[1]), 0)
     count = g.numel() // g.shape[1]
     dbeta = g.sum((0, 2, 3))
 

@@ -15,7 +15,7 @@ With g = dL/d(ReLU output) masked by the ReLU, y the BN's raw input, xhat = (y -
    shortcut needs it) in one elementwise pass.
 
 The ReLU mask comes from the forward's saved output (MASK_FROM_OUTPUT: the block's final ReLU) or
-is recomputed from the raw y as y*scale + shift > 0 (MASK_FROM_AFFINE: the ReLU between stages,
+is recomputed from the raw y as y*scale + shift (MASK_FROM_AFFINE: the ReLU between stages,
 whose activation the next conv's prologue produced and nobody stored). Tensors are NCHW-contiguous
 or channels_last; each is addressed through (batch, pixel, channel) strides, so the upstream
 gradient may come in either format whatever the activations' format.
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastres.kernels.bn_act import same_layout
-from fastres.kernels.conv import INTERPRETED
+from fastres.kernels.conv import INTERPRETED, round_to
 
 NO_MASK, MASK_FROM_OUTPUT, MASK_FROM_AFFINE = 0, 1, 2
 
@@ -47,12 +47,14 @@ new_like = torch.empty_like
 
 @triton.jit
 def _masked_grad(g_ptr, g_off, src_ptr, off, y, scale, shift, mask, MASK: tl.constexpr):
+    """The ReLU's backward as torch's threshold_backward(g, v, 0) computes it: 0 where v <= 0
+    (exactly 0, even for an inf or NaN g), g elsewhere - a NaN v passes g through."""
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if MASK == 1:
         out = tl.load(src_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(out > 0, g, 0.0)
+        g = tl.where(out <= 0, 0.0, g)
     if MASK == 2:
-        g = tl.where(y * scale[None, :] + shift[None, :] > 0, g, 0.0)
+        g = tl.where(y * scale[None, :] + shift[None, :] <= 0, 0.0, g)
     return g
 
 
@@ -64,7 +66,7 @@ def _store_input_grad(g, y, mean_ptr, coef_ptr, dy_ptr, off, offs_c, mask_c, mas
     c = tl.load(coef_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     dy = a[None, :] * g + b[None, :] * (y - mean[None, :]) + c[None, :]
-    tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + off, round_to(dy, dy_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,7 +175,7 @@ def bn_backward_apply_kernel(g_ptr, gs_n, gs_hw, gs_c, src_ptr, y_ptr, mean_ptr,
         y2 = tl.load(y2_ptr + off, mask=mask, other=0.0).to(tl.float32)
         _store_input_grad(g, y2, mean2_ptr, coef2_ptr, dy2_ptr, off, offs_c, mask_c, mask, C)
     if WRITE_G:
-        tl.store(gout_ptr + off, g.to(gout_ptr.dtype.element_ty), mask=mask)
+        tl.store(gout_ptr + off, round_to(g, gout_ptr.dtype.element_ty), mask=mask)
 
 
 def _pixel_strides(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -204,7 +206,8 @@ def bn_relu_backward(grad: torch.Tensor, bn: BNGradInput, mask: int,
     gradient `grad`, in three launches.
 
     mask: NO_MASK, MASK_FROM_OUTPUT (mask_output = the forward's ReLU output) or
-    MASK_FROM_AFFINE (affine = the forward's (scale, shift), recomputing y*scale+shift > 0).
+    MASK_FROM_AFFINE (affine = the forward's (scale, shift), recomputing y*scale+shift); either
+    way the gradient is 0 where that ReLU input is <= 0 and passes elsewhere, NaN included.
     Returns (dy, dgamma, dbeta, dy2, dgamma2, dbeta2, g): dy/dy2 in y's dtype and layout,
     dgamma/dbeta fp32 (dbeta2 == dbeta: both BNs see the same g); g (the masked upstream
     gradient, for an identity shortcut) only when write_g.

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import INTERPRETED, STATS_CHUNK
+from fastres.kernels.conv import INTERPRETED, STATS_CHUNK, round_to
 
 BLOCK_C = 64
 BLOCK_CHUNKS = 256 if INTERPRETED else 64
@@ -71,8 +71,8 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
         rv = tl.load(rvar_ptr + offs_c, mask=mask_c, other=0.0)
         new_rm = (1.0 - factor) * rm.to(tl.float32) + factor * mean
         new_rv = (1.0 - factor) * rv.to(tl.float32) + factor * unbiased
-        tl.store(new_rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
-        tl.store(new_rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
+        tl.store(new_rmean_ptr + offs_c, round_to(new_rm, rm.dtype), mask=mask_c)
+        tl.store(new_rvar_ptr + offs_c, round_to(new_rv, rv.dtype), mask=mask_c)
     scale = invstd
     shift = -mean * invstd
     if HAS_AFFINE:

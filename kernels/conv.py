@@ -59,6 +59,44 @@ def launch_count() -> int:
     return _launches
 
 
+# Round fp32 -> bf16 on the bits under the interpreter (see round_to).
+_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 v converted to dtype (fp32, fp16 or bf16), rounded to nearest even as the GPU's
+    conversion instructions (and torch) round; every kernel store of a result in a tensor's own
+    dtype goes through this.
+
+    Triton's interpreter truncates fp32 -> bf16 (its cast passes no rounding mode, and
+    fp_downcast_rounding="rtne" does not change that: rtne is the default, so the cast takes the
+    same path), which biases every bf16 result toward zero. There the rounding is done on the
+    bits instead: add 0x7FFF plus the lowest kept bit and drop the low 16 bits (the carry rounds
+    into the exponent, up to inf); a NaN keeps its top bits with the quiet bit set, as the
+    addition could carry a NaN's payload into an inf. fp16 needs nothing: numpy rounds it."""
+    if dtype == tl.bfloat16 and _BF16_BY_HAND:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(v != v, (bits >> 16) | 0x40, rounded)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr):
+    """relu(a * scale[c] + shift[c]) in fp32 for the loaded x tile a, zero where nothing was
+    loaded (the padding is zero after the ReLU in the unfused graph too), rounded back to a's
+    dtype as the unfused graph stores it. The ReLU is a select, not tl.maximum, which would turn
+    NaN into 0 (torch.relu keeps NaN)."""
+    scale = tl.load(scale_ptr + c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=mask_c, other=0.0)
+    act = a.to(tl.float32) * scale[None, :] + shift[None, :]
+    act = tl.where(act < 0, 0.0, act)
+    return round_to(tl.where(mask_a, act, 0.0), a.dtype)
+
+
 @triton.jit
 def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
                      C, H, W, sxn, sxc, sxh, sxw, swk, swc, swr, sws,
@@ -89,14 +127,7 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
             a_off = row_base[:, None] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + c[None, :] * sxc
             a = tl.load(x_ptr + a_off, mask=mask_a, other=0.0)
             if PROLOGUE:
-                # relu(a * scale[c] + shift[c]) in fp32, zero where nothing was loaded (the
-                # padding is zero after the ReLU in the unfused graph too), rounded back to the
-                # input dtype as the unfused graph stores it. Written out here and in the loop
-                # below: Triton's interpreter cannot call a jit helper from a jit helper.
-                scale = tl.load(scale_ptr + c, mask=kk < red, other=0.0)
-                shift = tl.load(shift_ptr + c, mask=kk < red, other=0.0)
-                act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-                a = tl.where(mask_a, act, 0.0).to(a.dtype)
+                a = _bn_relu_prologue(a, c, kk < red, mask_a, scale_ptr, shift_ptr)
             b_off = offs_n[None, :] * swk + (c * swc + r * swr + s * sws)[:, None]
             b = tl.load(w_ptr + b_off, mask=(kk < red)[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
@@ -119,11 +150,8 @@ def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mas
                     c = c.to(tl.int64)
                 mask_a = valid_m[:, None] & mask_c[None, :]
                 a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc, mask=mask_a, other=0.0)
-                if PROLOGUE:  # as in the flat branch above
-                    scale = tl.load(scale_ptr + c, mask=mask_c, other=0.0)
-                    shift = tl.load(shift_ptr + c, mask=mask_c, other=0.0)
-                    act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-                    a = tl.where(mask_a, act, 0.0).to(a.dtype)
+                if PROLOGUE:
+                    a = _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr)
                 b = tl.load(w_tap + offs_n[None, :] * swk + c[:, None] * swc,
                             mask=mask_c[:, None] & mask_n[None, :], other=0.0)
                 if UPCAST:
@@ -212,10 +240,12 @@ def fused_conv2d_kernel(
             + offs_n.to(tl.int64)[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        # A select, not tl.maximum(acc, 0.0): max returns the non-NaN operand (so does the
+        # GPU's max instruction), while torch.relu keeps NaN; -inf -> 0, +inf stays.
+        acc = tl.where(acc < 0, 0.0, acc)
     o_off = (n64 * son + p_idx.to(tl.int64) * soh + q_idx.to(tl.int64) * sow)[:, None] \
         + offs_n.to(tl.int64)[None, :] * soc
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def tolerance(dtype, reduction_length: int):
     Derivation, for unit-scale inputs and fan-in-scaled weights (|w| ~ 1/sqrt(L), as PyTorch's
     default init and the tests' data give): rounding each term by u moves the sum by at most
     u * sum|x w| ~ u * sqrt(L) (times the BN scale, < 2 here), so atol = 2u*sqrt(L); the output
-    rounding (the interpreter truncates bf16: a full ulp) gives rtol = 2u.
+    is rounded to nearest even (under the interpreter too: the kernels round bf16 themselves, as
+    its own cast truncates), at most u relative, and rtol = 2u leaves that a factor of 2.
     """
     if dtype == torch.float32 and torch.cuda.is_available() and fastres.get_fp32_precision() == "tf32":
         dtype = "tf32"

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fastres import conv_bn_act
 from fastres.kernels import conv as conv_kernels
-from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format, to_format
+from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format,
+                     relative_error, to_format)
 
 # name: (N, C, H, W, K, (R, S), stride, padding, dilation, residual, shortcut (C2, stride2), relu)
 CASES = {
@@ -111,6 +112,22 @@ def test_functional_op_keeps_memory_format(dtype, fmt, device):
                       dilation=c["dilation"], shortcut=c["sc"], relu=c["relu"])
     assert is_format(out, fmt) and out.dtype == dtype
     assert_close(out, reference(c), dtype, c["L"])
+
+
+def test_bf16_conv_is_as_accurate_as_torchs(device):
+    """Against float64 on the same bf16 operands, a bf16 conv's error is its output rounding:
+    both fastres and torch accumulate in fp32 and round once, so their errors must agree up to
+    fp32 summation order (measured: equal to 1e-8). A truncated output - what Triton's
+    interpreter's own fp32 -> bf16 cast does - is up to a whole ulp off instead of half an ulp,
+    all toward zero: twice torch's error (measured: 1.97x), so 1.25x separates the two."""
+    N, C, H, W, K = 2, 32, 10, 10, 48
+    x = torch.randn(N, C, H, W, device=device).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(K, C, 3, 3, device=device) / math.sqrt(9 * C)).to(torch.bfloat16)
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    err = relative_error(conv_bn_act(x, w, None, padding=1, relu=False), ref)
+    torch_err = relative_error(F.conv2d(x, w, padding=1), ref)
+    assert err <= 1.25 * torch_err, (err, torch_err)
 
 
 def test_any_strides_input_and_contiguous_weight(device):
