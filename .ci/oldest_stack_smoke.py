@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres.kernels import conv as conv_kernels  # noqa: E402
+from fastres.reference import randomize_batchnorms  # noqa: E402
 
 # fp32 on the CPU: the interpreter's products are exact fp32, only the order of sums differs;
 # relative to the reference's largest magnitude.
@@ -53,18 +54,6 @@ def check(name: str, result: torch.Tensor, reference: torch.Tensor) -> None:
         raise AssertionError(f"{name}: max abs error {err:.3e} > {RTOL:g} x {scale:.3e}")
 
 
-def randomize(block: nn.Module, generator: torch.Generator) -> None:
-    """Non-identity BatchNorms, so that folding mistakes show."""
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
-
-
 def unfused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """torchvision's BasicBlock.forward, on the block's own child modules."""
     out = block.relu(block.bn1(block.conv1(x)))
@@ -77,7 +66,7 @@ def make_block(generator: torch.Generator) -> nn.Module:
     """A stride-2 block with a 1x1 downsample: the dual-GEMM epilogue runs too."""
     downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
     block = fastres.FusedBasicBlock(8, 16, stride=2, downsample=downsample)
-    randomize(block, generator)
+    randomize_batchnorms(block, generator)
     return block
 
 

@@ -36,6 +36,7 @@ from fastres.convert import FusionEntry
 from fastres.kernels import conv as conv_kernels
 from fastres.ops import backend_for
 from fastres.perf import trace_ops
+from fastres.reference import randomize_batchnorms
 
 MODELS = sorted(name for name in torchvision.models.list_models(torchvision.models)
                 if name.startswith(("resnet", "wide_resnet", "resnext")))
@@ -54,20 +55,6 @@ CUDA_WARMUP = 5
 
 # ---------------------------------------------------------------------------------------------
 # Model, input, check
-
-def randomize_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
-    """torchvision initialises every BatchNorm to the identity (mean 0, var 1, weight 1, bias 0),
-    under which a mistake in folding the scale or the shift could go unnoticed; give each its own
-    statistics and affine parameters, near enough to the identity to keep activations in range."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
-
 
 def build_model(name: str, seed: int, device: torch.device, dtype: torch.dtype,
                 channels_last: bool) -> nn.Module:

@@ -2,7 +2,9 @@
 
 Used by the fused modules as their reference path (train mode, autograd, unsupported input) and
 by the tests (on float64 copies) as the ground truth. Each function runs the modules exactly as
-torchvision's blocks do, so every module keeps its own train/eval behaviour.
+torchvision's blocks do, so every module keeps its own train/eval behaviour. Also here: the
+BatchNorm randomising of the demo and the oldest-stack smoke check (non-identity statistics, so
+that folding mistakes show).
 """
 from __future__ import annotations
 
@@ -87,3 +89,17 @@ def batch_norm_train_update(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count
         if bn.bias is not None:
             shift = shift + bn.bias.to(shift.dtype)
     return scale, shift
+
+
+def randomize_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
+    """torchvision initialises every BatchNorm to the identity (mean 0, var 1, weight 1, bias 0),
+    under which a mistake in folding the scale or the shift could go unnoticed; give each its own
+    statistics and affine parameters, near enough to the identity to keep activations in range."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
