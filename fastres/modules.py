@@ -400,15 +400,20 @@ class _FusedBlock(nn.Module):
         d["_fastres_probed"] = probed
         d["_fastres_train_probe_reason"] = train_probe_reason
 
-    def _fastres_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
-        """(conv, bn) of each stage, then of the downsample if any. Reads the child dict
-        directly: nn.Module.__getattr__ is slow enough to matter on small inputs."""
+    def _fastres_pairs(self) -> Optional[List[Tuple[nn.Module, nn.Module]]]:
+        """(conv, bn) of each stage, then of the downsample if any; None when the children no
+        longer have that shape (a stage removed, the downsample replaced by a lone module).
+        Reads the child dict directly: nn.Module.__getattr__ is slow enough to matter on small
+        inputs."""
         mods = self._modules
-        pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._fastres_stages]
-        ds = mods.get("downsample")
-        if ds is not None:
-            pairs.append((ds[-2], ds[-1]))  # after any leading nn.Identity
-        return pairs
+        try:
+            pairs = [(mods[name], mods["bn" + name[-1]]) for name in self._fastres_stages]
+            ds = mods.get("downsample")
+            if ds is not None:
+                pairs.append((ds[-2], ds[-1]))  # after any leading nn.Identity
+        except (KeyError, TypeError, IndexError):
+            return None
+        return None if any(m is None for pair in pairs for m in pair) else pairs
 
     def _fastres_conv_reason(self, bn_reason) -> Optional[str]:
         """The first conv, BN (judged by bn_reason) or shortcut the kernels cannot take."""
@@ -475,8 +480,8 @@ class _FusedBlock(nn.Module):
         return type(self)._fastres_reference(self, *args, **kwargs)
 
     def forward(self, *args, **kwargs) -> Tensor:
-        pairs = self._fastres_pairs() if "_fastres_caches" in self.__dict__ else []
-        training = [bn.training for _, bn in pairs]
+        pairs = self._fastres_pairs() if "_fastres_caches" in self.__dict__ else None
+        training = [bn.training for _, bn in pairs or ()]
         train = any(training)
         if train:
             _note_training()

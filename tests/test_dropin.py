@@ -679,3 +679,19 @@ def test_report_survives_a_second_optimize_and_copies():
     assert str(fastres.fusion_report(copy.deepcopy(fused))) == first
     fastres.restore(fused)
     assert fastres.fusion_report(fused) is None
+
+
+def test_children_replaced_after_optimize_run_the_blocks_own_forward():
+    """Children swapped after optimize() - a ReLU for a GELU, the downsample for a lone conv, a
+    BN for an Identity - make the block run its own forward, whatever it computes now."""
+    original, fused = _pair()
+    x = _x()
+    for m in (original, fused):
+        m.layer1[0].relu = nn.GELU()
+        m.layer1[1].downsample = nn.Conv2d(16, 24, 1, 2, bias=False)
+        m.layer1[1].downsample.weight.data.copy_(original.layer1[1].downsample.weight.data)
+    assert "relu" in fused.layer1[0].fallback_reason
+    assert_matches(fused, original, x)
+    for m in (original, fused):
+        m.layer1[0].bn2 = nn.Identity()
+    assert_matches(fused, original, x)
