@@ -115,6 +115,28 @@ def shortcut_unfusable_reason(ds: nn.Module, bn_reason=bn_unfusable_reason) -> O
     return conv_unfusable_reason(mods[-2]) or bn_reason(mods[-1], mods[-2].out_channels)
 
 
+def block_modules_reason(block: nn.Module, stages: Tuple[str, ...],
+                         bn_reason=bn_unfusable_reason) -> Optional[str]:
+    """The first stage conv/BN (BN judged by bn_reason) or shortcut of `block` the kernels
+    cannot take (None: all can). The downsample is read as the block's forward reads it
+    (an attribute, which need not be a module)."""
+    mods = block._modules
+    for conv_name in stages:
+        bn_name = "bn" + conv_name[-1]
+        conv, bn = mods.get(conv_name), mods.get(bn_name)
+        if conv is None or bn is None:
+            return f"{conv_name}/{bn_name}: removed"
+        reason = conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
+        if reason:
+            return f"{conv_name}/{bn_name}: {reason}"
+    ds = getattr(block, "downsample", None)
+    if ds is not None:
+        reason = shortcut_unfusable_reason(ds, bn_reason)
+        if reason:
+            return reason if reason.startswith("shortcut") else f"downsample: {reason}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Hooks and parametrizations: a fused kernel would skip them
 
@@ -129,34 +151,35 @@ def global_hooks_registered() -> bool:
 def hooks_reason(module: nn.Module) -> Optional[str]:
     """Why `module`'s own call cannot be replaced by a fused kernel (None: it can): its hooks
     would not fire, or a reparametrisation would not be applied. weight_norm, spectral_norm
-    (the old-style ones) and torch.nn.utils.prune are forward pre-hooks."""
-    name = type(module).__name__
+    (the old-style ones) and torch.nn.utils.prune are forward pre-hooks. Runs on every fused
+    call: the message is only built for a module that has one."""
     if "parametrizations" in module._modules:  # what parametrize.is_parametrized looks for
-        return f"{name} has a parametrization"
-    if module._forward_pre_hooks:
-        return f"{name} has forward pre-hooks (weight_norm, spectral_norm or pruning, or a user hook)"
-    if module._forward_hooks:
-        return f"{name} has forward hooks"
-    if module._backward_hooks or module._backward_pre_hooks:
-        return f"{name} has backward hooks"
-    return None
+        what = "a parametrization"
+    elif module._forward_pre_hooks:
+        what = "forward pre-hooks (weight_norm, spectral_norm or pruning, or a user hook)"
+    elif module._forward_hooks:
+        what = "forward hooks"
+    elif module._backward_hooks or module._backward_pre_hooks:
+        what = "backward hooks"
+    else:
+        return None
+    return f"{type(module).__name__} has {what}"
 
 
 def submodule_hooks_reason(block: nn.Module) -> Optional[str]:
     """The first hooked or parametrized module inside `block` (the block's own hooks are fine:
-    they fire around the fused forward with the same tensors). Runs on every fused call, so it
-    walks the child dicts directly (named_modules() costs several times more)."""
+    they fire around the fused forward with the same tensors). Walks the child dicts directly
+    (named_modules() costs several times more on every fused call)."""
     stack = list(block._modules.items())
     while stack:
         name, m = stack.pop()
         if m is None:
             continue
-        children = m._modules
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks or "parametrizations" in children):
-            return f"{name}: {hooks_reason(m)}"
-        if children:
-            stack.extend((f"{name}.{k}", c) for k, c in children.items())
+        reason = hooks_reason(m)
+        if reason:
+            return f"{name}: {reason}"
+        if m._modules:
+            stack.extend((f"{name}.{k}", c) for k, c in m._modules.items())
     return None
 
 

@@ -23,10 +23,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres.anatomy import (BLOCK_STAGES, attribute_snapshot, block_kind, bn_train_unfusable_reason,
-                             bn_unfusable_reason, conv_unfusable_reason, global_hooks_registered,
-                             hooks_reason, known_forward, known_forward_reason, module_structure,
-                             probe_reason, shortcut_unfusable_reason, submodule_hooks_reason)
+from fastres.anatomy import (BLOCK_STAGES, attribute_snapshot, block_kind, block_modules_reason,
+                             bn_train_unfusable_reason, bn_unfusable_reason, conv_unfusable_reason,
+                             global_hooks_registered, hooks_reason, known_forward,
+                             known_forward_reason, module_structure, probe_reason,
+                             submodule_hooks_reason)
 from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
                              _FusedBlock, fused_block_class, unswap_block, unswap_chain_module)
 
@@ -88,24 +89,12 @@ def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
     """What keeps `block` from being fused whatever its forward computes (None: nothing)."""
     if "forward" in block.__dict__:
         return "forward is overridden on the instance"
-    stages = BLOCK_STAGES[kind]
-    for conv_name in stages:
-        bn_name = "bn" + conv_name[-1]
-        conv, bn = block._modules[conv_name], block._modules[bn_name]
-        reason = conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
-        if reason:
-            return f"{conv_name}/{bn_name}: {reason}"
-    ds = getattr(block, "downsample", None)
-    if ds is not None:
-        reason = shortcut_unfusable_reason(ds)
-        if reason:
-            return reason if reason.startswith("shortcut") else f"downsample: {reason}"
-    if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
-        return "the block has parameters of its own"
-    reason = submodule_hooks_reason(block)
+    reason = block_modules_reason(block, BLOCK_STAGES[kind])
     if reason:
         return reason
-    return None
+    if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
+        return "the block has parameters of its own"
+    return submodule_hooks_reason(block)
 
 
 def _extra_state_reason(block: nn.Module, kind: str) -> Optional[str]:

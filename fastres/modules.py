@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastres import reference
-from fastres.anatomy import (KnownForward, attributes_changed, bn_train_unfusable_reason,
-                             bn_unfusable_reason, conv_padding, conv_unfusable_reason,
-                             global_hooks_registered, hooks_reason, known_forward_reason,
-                             shortcut_unfusable_reason, structure_changed, submodule_hooks_reason)
+from fastres.anatomy import (KnownForward, attributes_changed, block_modules_reason,
+                             bn_train_unfusable_reason, bn_unfusable_reason, conv_padding,
+                             conv_unfusable_reason, global_hooks_registered, hooks_reason,
+                             known_forward_reason, structure_changed, submodule_hooks_reason)
 from fastres.folding import FoldCache, conv_bn_sources, fold_modules, invalidate_all
 from fastres.ops import (SUPPORTED_DTYPES, backend_for, conv_bn_act, execution_plan,
                          torch_conv_bn_act)
@@ -128,12 +128,6 @@ def _prepare_input(x: Tensor, named_convs) -> Tensor:
         if w.device != x.device:
             raise ValueError(f"fastres: input is on {x.device} but {name}.weight is on {w.device}")
     return x
-
-
-def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format,
-          dtype: torch.dtype):
-    return cache.get(conv_bn_sources(conv, bn), (bn.eps, fmt, dtype),
-                     lambda: fold_modules(conv, bn, fmt, dtype))
 
 
 def _fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, fmt: torch.memory_format,
@@ -242,13 +236,16 @@ class FusedConvBNReLU(nn.Sequential):
 # optimize() swaps the classes of the three modules in place. While the chain is fused, the
 # conv computes relu?(bn(conv(x))) and the BN and ReLU pass their input through; whenever a
 # module-level reason forbids fusing (a hook or parametrization on any of the three, global
-# hooks, torch.fx tracing, a conv or BN the kernels do not take), each of the three runs its own
+# hooks, TorchScript tracing in train mode, a conv or BN the kernels do not take; under torch.fx
+# tracing each records a call of itself), each of the three runs its own
 # original computation instead, so hooks see exactly the tensors they saw before optimize().
 
 def _chain_modules_reason(conv: "FusedConv2d") -> Optional[str]:
     """Why the chain that `conv` heads runs as three plain modules right now (None: fused)."""
     d = conv.__dict__
     bn, relu = d["_fastres_bn"], d["_fastres_relu"]
+    if bn.training and torch.jit.is_tracing():
+        return "TorchScript tracing in train mode traces the unfused modules"
     if type(bn) is not FoldedBatchNorm2d or (relu is not None and type(relu) is not FoldedReLU):
         return "the BN or ReLU was replaced or changed class"
     for m in (conv, bn, relu):
@@ -261,11 +258,6 @@ def _chain_modules_reason(conv: "FusedConv2d") -> Optional[str]:
     bn_reason = bn_train_unfusable_reason if bn.training else bn_unfusable_reason
     return (conv_unfusable_reason(conv, FusedConv2d)
             or bn_reason(bn, conv.out_channels, (FoldedBatchNorm2d,)))
-
-
-def _traced_unfused(x) -> bool:
-    """TorchScript tracing in train mode records the three plain modules."""
-    return torch.jit.is_tracing() and torch.is_grad_enabled()
 
 
 def _fx_leaf(module: nn.Module, x: "torch.fx.Proxy"):
@@ -306,7 +298,7 @@ class FusedConv2d(nn.Conv2d):
             return _fx_leaf(self, x)
         if bn.training:
             _note_training()
-        if _traced_unfused(x) or _chain_modules_reason(self):
+        if _chain_modules_reason(self):
             return nn.Conv2d.forward(self, x)  # the BN and ReLU run themselves
         if x.dim() != 4:  # the BN this conv stands for would refuse it
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
@@ -337,7 +329,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
-        if _traced_unfused(x) or _chain_modules_reason(self.__dict__["_fastres_conv"]):
+        if _chain_modules_reason(self.__dict__["_fastres_conv"]):
             return nn.BatchNorm2d.forward(self, x)
         return x
 
@@ -350,7 +342,7 @@ class FoldedReLU(nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
-        if _traced_unfused(x) or _chain_modules_reason(self.__dict__["_fastres_conv"]):
+        if _chain_modules_reason(self.__dict__["_fastres_conv"]):
             return nn.ReLU.forward(self, x)
         return x
 
@@ -360,11 +352,15 @@ class FoldedReLU(nn.ReLU):
 _CHAIN_ORIGINALS = {FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d, FoldedReLU: nn.ReLU}
 
 
+def _drop_fastres_state(m: nn.Module) -> None:
+    for k in [k for k in m.__dict__ if k.startswith("_fastres_")]:
+        del m.__dict__[k]
+
+
 def unswap_chain_module(m: nn.Module) -> None:
     """Undo FusedConv2d.from_conv for one of the three modules."""
     m.__class__ = _CHAIN_ORIGINALS[type(m)]
-    for k in [k for k in m.__dict__ if k.startswith("_fastres_")]:
-        del m.__dict__[k]
+    _drop_fastres_state(m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,23 +411,6 @@ class _FusedBlock(nn.Module):
             return None
         return None if any(m is None for pair in pairs for m in pair) else pairs
 
-    def _fastres_conv_reason(self, bn_reason) -> Optional[str]:
-        """The first conv, BN (judged by bn_reason) or shortcut the kernels cannot take."""
-        mods = self._modules
-        if any(mods.get(n) is None for s in self._fastres_stages for n in (s, "bn" + s[-1])):
-            return "a stage's conv or BN was removed"
-        ds = mods.get("downsample")
-        if ds is not None:
-            reason = shortcut_unfusable_reason(ds, bn_reason)
-            if reason:
-                return reason
-        for name in self._fastres_stages:
-            conv, bn = mods[name], mods["bn" + name[-1]]
-            reason = conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
-            if reason:
-                return f"{name}: {reason}"
-        return None
-
     def _fastres_modules_reason(self, train: bool, call: bool = False) -> Optional[str]:
         """Why the block runs its own (unfused) forward whatever the input, for a call with
         every BN in train mode (train=True) or in eval mode (None: it fuses). call: judge the
@@ -439,7 +418,8 @@ class _FusedBlock(nn.Module):
         d = self.__dict__
         if "_fastres_caches" not in d:
             return "made without fastres's set-up (e.g. by calling its class directly)"
-        reason = self._fastres_conv_reason(bn_train_unfusable_reason if train else bn_unfusable_reason)
+        reason = block_modules_reason(self, self._fastres_stages,
+                                      bn_train_unfusable_reason if train else bn_unfusable_reason)
         if reason:
             return reason
         reason = submodule_hooks_reason(self)
@@ -489,16 +469,13 @@ class _FusedBlock(nn.Module):
                 or self._fastres_modules_reason(train, call=True)):
             return self._fastres_unfused(*args, **kwargs)
         x = args[0]
-        if train:
-            if not _kernels_train(x):
-                return self._fastres_unfused(x)
-            x = _prepare_input(x, [(name, conv) for name, (conv, _) in
-                                   zip(self._fastres_stages + ("downsample",), pairs)])
-            return block_train(self, x)
-        if _fallback_reason(x):
+        fusable = _kernels_train(x) if train else _fallback_reason(x) is None
+        if not fusable:  # float64, or train mode where the kernels do not run
             return self._fastres_unfused(x)
         x = _prepare_input(x, [(name, conv) for name, (conv, _) in
                                zip(self._fastres_stages + ("downsample",), pairs)])
+        if train:
+            return block_train(self, x)
         eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
         dtype = x.dtype
         caches = self.__dict__["_fastres_caches"]
@@ -587,8 +564,7 @@ def _rebuild_fused_block(original: type, bottleneck: bool) -> nn.Module:
 def unswap_block(block: _FusedBlock) -> None:
     """Undo from_block: the block's own class back, fastres's entries gone."""
     block.__class__ = type(block)._fastres_original_class
-    for k in [k for k in block.__dict__ if k.startswith("_fastres_")]:
-        del block.__dict__[k]
+    _drop_fastres_state(block)
 
 
 class FusedBasicBlock(_FusedBlock):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import INTERPRETED, round_to
+from fastres.kernels.conv import INTERPRETED, relu, round_to
 
 BLOCK = 4096 if INTERPRETED else 1024
 
@@ -42,7 +42,7 @@ def bn_act_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, r_scale_ptr, r_shift_ptr, 
                 + tl.load(r_shift_ptr + c, mask=mask, other=0.0)
         v += r
     if RELU:
-        v = tl.where(v < 0, 0.0, v)  # keeps NaN, as torch.relu does (tl.maximum would not)
+        v = relu(v)
     tl.store(out_ptr + offs, round_to(v, out_ptr.dtype.element_ty), mask=mask)
 
 

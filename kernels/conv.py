@@ -85,15 +85,20 @@ def round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) keeping NaN, as torch.relu does (-inf -> 0, +inf stays): a select, since
+    tl.maximum (and the GPU's max instruction) returns the non-NaN operand."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
 def _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr):
     """relu(a * scale[c] + shift[c]) in fp32 for the loaded x tile a, zero where nothing was
     loaded (the padding is zero after the ReLU in the unfused graph too), rounded back to a's
-    dtype as the unfused graph stores it. The ReLU is a select, not tl.maximum, which would turn
-    NaN into 0 (torch.relu keeps NaN)."""
+    dtype as the unfused graph stores it."""
     scale = tl.load(scale_ptr + c, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + c, mask=mask_c, other=0.0)
-    act = a.to(tl.float32) * scale[None, :] + shift[None, :]
-    act = tl.where(act < 0, 0.0, act)
+    act = relu(a.to(tl.float32) * scale[None, :] + shift[None, :])
     return round_to(tl.where(mask_a, act, 0.0), a.dtype)
 
 
@@ -240,9 +245,7 @@ def fused_conv2d_kernel(
             + offs_n.to(tl.int64)[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
-        # A select, not tl.maximum(acc, 0.0): max returns the non-NaN operand (so does the
-        # GPU's max instruction), while torch.relu keeps NaN; -inf -> 0, +inf stays.
-        acc = tl.where(acc < 0, 0.0, acc)
+        acc = relu(acc)
     o_off = (n64 * son + p_idx.to(tl.int64) * soh + q_idx.to(tl.int64) * sow)[:, None] \
         + offs_n.to(tl.int64)[None, :] * soc
     tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)

@@ -695,3 +695,13 @@ def test_children_replaced_after_optimize_run_the_blocks_own_forward():
     for m in (original, fused):
         m.layer1[0].bn2 = nn.Identity()
     assert_matches(fused, original, x)
+
+
+def test_downsample_set_to_a_plain_callable_runs_the_blocks_own_forward():
+    """torchvision's forward calls self.downsample whatever it is; a plain function there
+    (not a module, so not a child) must not be taken for an identity shortcut."""
+    original, fused = _pair()
+    for m in (original, fused):
+        m.layer1[0].downsample = lambda t: 2 * t
+    assert "shortcut" in fused.layer1[0].fallback_reason
+    assert_matches(fused, original, _x())
