@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fastres  # noqa: E402
-from fastres.kernels import conv as conv_kernels  # noqa: E402
+from fastres.launch import conv as conv_launch  # noqa: E402
 from fastres.reference import randomize_batchnorms  # noqa: E402
 
 # fp32 on the CPU: the interpreter's products are exact fp32, only the order of sums differs;
@@ -38,7 +38,7 @@ RTOL = 1e-4
 def kernels_ran(section: str, since: int) -> int:
     """Fail unless a fused-conv kernel launched since `since` (without one, a check would compare
     torch with torch); returns the current launch count."""
-    now = conv_kernels.launch_count()
+    now = conv_launch.launch_count()
     print(f"  {section:<34} {now - since} fused-conv kernel launches")
     if now == since:
         raise AssertionError(f"{section}: no fused-conv kernel ran")
@@ -75,7 +75,7 @@ def main() -> int:
           f"numpy {numpy.__version__}, python {sys.version.split()[0]}")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    launches = conv_kernels.launch_count()
+    launches = conv_launch.launch_count()
 
     # One fused conv + bias + ReLU, NCHW: the (tap, channel-block) loop with a runtime bound.
     x = torch.randn(2, 8, 9, 9, generator=g)

@@ -1,4 +1,5 @@
-"""fastres: fused ResNet kernels.
+"""fastres: fused ResNet kernels. This module is the public API (the top of the library's layers:
+kernels -> launch -> ops -> nn -> convert -> here; see docs/architecture.md).
 
 Public API:
   optimize(model) / restore(model)          swap ResNet blocks and conv+BN(+ReLU) chains in place
@@ -16,11 +17,11 @@ if not (_Path(__file__).parent / "kernels").is_dir() and \
         (_Path(__file__).parent.parent / "kernels" / "conv.py").is_file():
     __path__.append(str(_Path(__file__).parent.parent))
 
-from fastres.ops import conv_bn_act, get_fp32_precision, set_fp32_precision
-from fastres.folding import fold_conv_bn
-from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedBasicBlock, FusedBottleneck,
-                             FusedConv2d, FusedConvBNReLU)
-from fastres.convert import FusionReport, fusion_report, optimize, refresh, restore
+from fastres.ops.conv_bn_act import conv_bn_act, get_fp32_precision, set_fp32_precision  # noqa: E402
+from fastres.nn.folding import fold_conv_bn  # noqa: E402
+from fastres.nn.modules import FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU  # noqa: E402
+from fastres.nn.blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
+from fastres.convert import FusionReport, fusion_report, optimize, refresh, restore  # noqa: E402
 
 __version__ = "0.1.0"
 

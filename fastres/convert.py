@@ -4,15 +4,15 @@ Blocks are found by structure, not class name: a module whose children include c
 bn2 (BasicBlock) or also conv3/bn3 (Bottleneck), with an optional `downsample`, is a candidate.
 It is fused only if every conv and BN can be folded, the shortcut is an identity or a 1x1
 conv + BN, no module inside it has hooks or parametrizations, and its forward is one fastres
-knows (torchvision's, timm's, or one the caller trusts) or passes the probe (fastres.anatomy).
+knows (torchvision's, timm's, or one the caller trusts) or passes the probe (fastres.nn.anatomy).
 
 Then the model (fused blocks and hooked modules as leaves) is traced with torch.fx, and every
 conv -> BN (-> ReLU) chain whose intermediate results feed nothing else is fused in place: the
 stem, and the 1x1 convs inside blocks that were left alone (e.g. timm's resnet50d avg-pool
 shortcut). Models that torch.fx cannot trace keep their chains, and the report says so.
 
-Fusing swaps the class of the existing module objects (fastres.modules); nothing is copied or
-replaced, and restore() swaps the classes back.
+Fusing swaps the class of the existing module objects (fastres.nn.modules, fastres.nn.blocks);
+nothing is copied or replaced, and restore() swaps the classes back.
 """
 from __future__ import annotations
 
@@ -23,15 +23,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres.anatomy import (BLOCK_STAGES, attribute_snapshot, block_kind, block_modules_reason,
-                             bn_train_unfusable_reason, bn_unfusable_reason, conv_unfusable_reason,
-                             global_hooks_registered, hooks_reason, known_forward,
-                             known_forward_reason, module_structure, probe_reason,
-                             submodule_hooks_reason)
-from fastres.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
-                             _FusedBlock, fused_block_class, unswap_block, unswap_chain_module)
+from fastres.nn.anatomy import (BLOCK_STAGES, block_kind, bn_train_unfusable_reason,
+                                bn_unfusable_reason, conv_unfusable_reason,
+                                global_hooks_registered, hooks_reason)
+from fastres.nn.blocks import FusedBlockBase, fuse_block, unswap_block
+from fastres.nn.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
+                                unswap_chain_module)
 
-_FASTRES_MODULES = (_FusedBlock, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
+_FASTRES_MODULES = (FusedBlockBase, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
 
 
 @dataclass
@@ -84,64 +83,6 @@ def fusion_report(model: nn.Module) -> Optional[FusionReport]:
 
 # ---------------------------------------------------------------------------------------------
 # Blocks
-
-def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:
-    """What keeps `block` from being fused whatever its forward computes (None: nothing)."""
-    if "forward" in block.__dict__:
-        return "forward is overridden on the instance"
-    reason = block_modules_reason(block, BLOCK_STAGES[kind])
-    if reason:
-        return reason
-    if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
-        return "the block has parameters of its own"
-    return submodule_hooks_reason(block)
-
-
-def _extra_state_reason(block: nn.Module, kind: str) -> Optional[str]:
-    """For probed forwards: a child with parameters outside the stages and the shortcut is one
-    the probe cannot vouch for (its weights may make it matter only later)."""
-    known = {n for s in BLOCK_STAGES[kind] for n in (s, "bn" + s[-1])} | {"downsample"}
-    for name, child in block.named_children():
-        if name not in known and (any(True for _ in child.parameters())
-                                  or any(True for _ in child.buffers())):
-            return f"extra submodule {name!r} ({type(child).__name__}) with parameters"
-    return None
-
-
-def fuse_block(block: nn.Module, verify: bool = True, trust: tuple = ()) -> Optional[str]:
-    """Fuse one block in place (swap its class, see fastres.modules.fused_block_class); return
-    why it was left alone instead (None: fused). Changes nothing when it returns a reason."""
-    if isinstance(block, _FASTRES_MODULES):
-        return "already a fastres module"
-    kind = block_kind(block)
-    if kind is None:
-        return "not a ResNet block: needs children conv1/bn1/conv2/bn2[/conv3/bn3]"
-    reason = _block_unfusable_reason(block, kind)
-    if reason:
-        return reason
-    spec = known_forward(type(block), trust)
-    probed = train_reason = None
-    if spec is not None:
-        reason = known_forward_reason(block, spec, training=False)  # fusable in eval mode
-        if reason:
-            return f"{spec.source}: {reason}"
-    elif not verify:
-        return "its forward is not one fastres knows, and verify=False skips the probe"
-    else:
-        reason = _extra_state_reason(block, kind)
-        if reason is None and global_hooks_registered():
-            reason = ("global module hooks are registered: fastres does not run them on its "
-                      "probe (torchvision/timm blocks need no probe)")
-        if reason is None:
-            reason = probe_reason(block, kind, training=False)
-        if reason:
-            return reason
-        train_reason = probe_reason(block, kind, training=True)
-        probed = (module_structure(block), attribute_snapshot(block))
-    block.__class__ = fused_block_class(type(block), kind == "Bottleneck")
-    block._fastres_init(spec, probed, train_reason)
-    return None
-
 
 def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust: tuple) -> None:
     done = {}  # id(block) -> path, for blocks reachable under several names
@@ -263,7 +204,7 @@ def _check_report(model: nn.Module, report: FusionReport) -> None:
         except AttributeError:
             e.fused, e.detail = False, "no longer in the model"
             continue
-        if not isinstance(m, (_FusedBlock, FusedConv2d)):
+        if not isinstance(m, (FusedBlockBase, FusedConv2d)):
             e.fused, e.detail = False, f"no longer fused: it is a {type(m).__name__}"
             continue
         reason = m.fallback_reason
@@ -308,7 +249,7 @@ def restore(model: nn.Module) -> nn.Module:
     """Undo optimize(): every swapped module gets its own class back, in place; return the
     model (state_dict, hooks and attributes as they are now)."""
     for m in list(model.modules()):
-        if isinstance(m, _FusedBlock) and type(m)._fastres_original_class is not None:
+        if isinstance(m, FusedBlockBase) and type(m)._fastres_original_class is not None:
             unswap_block(m)
         elif isinstance(m, (FusedConv2d, FoldedBatchNorm2d, FoldedReLU)):
             unswap_chain_module(m)
@@ -323,7 +264,7 @@ def refresh(model: nn.Module) -> None:
     another rank outside training (see fastres.folding)."""
     for m in model.modules():
         caches = []
-        if isinstance(m, _FusedBlock):
+        if isinstance(m, FusedBlockBase):
             caches = list(m.__dict__.get("_fastres_caches", {}).values())
         elif isinstance(m, FusedConvBNReLU):
             caches = [m._fold_cache]

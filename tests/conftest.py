@@ -11,8 +11,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastres  # noqa: E402,F401  (imported here, after the interpreter switch)
-from fastres import ops  # noqa: E402
-from fastres.kernels import bn_act, bn_backward, bn_stats  # noqa: E402
+from fastres.testing import poisoned_outputs as _poisoned  # noqa: E402
 
 # triton 3.6 + numpy emit a DeprecationWarning per runtime-bounded loop under the interpreter.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"triton\..*")
@@ -41,24 +40,12 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs():
     """Every output the fused ops and the BN kernels allocate starts as NaN, so an element a
     kernel never wrote shows up as NaN in the comparison instead of as plausible leftover
     memory."""
-    real = ops._empty_output
-
-    def poisoned(x, shape):
-        out = real(x, shape)
-        return out.fill_(float("nan"))
-
-    monkeypatch.setattr(ops, "_empty_output", poisoned)
-
-    def poisoned_like(t, **kwargs):
-        return torch.empty_like(t, **kwargs).fill_(float("nan"))
-
-    for module in (bn_act, bn_backward, bn_stats):
-        monkeypatch.setattr(module, "new_like", poisoned_like)
-    yield
+    with _poisoned():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,80 +1,24 @@
-"""Shared test helpers: the one tolerance table, reference checks, random BN statistics."""
+"""Shared test helpers: data layouts, random BN statistics, gradient comparisons. The tolerance
+table itself is fastres.testing (the demo uses it too)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-import fastres
+from fastres.reference import randomize_batchnorms
+from fastres.testing import UNIT_ROUNDOFF, assert_close, tolerance  # noqa: F401 (re-exported)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 FORMATS = [torch.contiguous_format, torch.channels_last]
 FORMAT_IDS = ["nchw", "nhwc"]
 
-# The one tolerance table. u is the unit roundoff of what the kernel rounds to:
-#   fp16/bf16: operands (folded weights) and the output are rounded to the dtype;
-#   fp32 "ieee": products are exact in fp32 but the fp32 accumulation over L terms is not
-#     (2^-22 is fp32's 2^-24 with room for the sqrt(L)-growth of a summation's rounding);
-#   fp32 "tf32" (GPU tensor cores): operands rounded to a 10-bit mantissa.
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -22, "tf32": 2.0 ** -10, torch.float16: 2.0 ** -11,
-                 torch.bfloat16: 2.0 ** -8}
-
-
-def tolerance(dtype, reduction_length: int):
-    """(rtol, atol) for one fused conv over `reduction_length` = C*R*S (+ shortcut C2) terms.
-
-    Derivation, for unit-scale inputs and fan-in-scaled weights (|w| ~ 1/sqrt(L), as PyTorch's
-    default init and the tests' data give): rounding each term by u moves the sum by at most
-    u * sum|x w| ~ u * sqrt(L) (times the BN scale, < 2 here), so atol = 2u*sqrt(L); the output
-    is rounded to nearest even (under the interpreter too: the kernels round bf16 themselves, as
-    its own cast truncates), at most u relative, and rtol = 2u leaves that a factor of 2.
-    """
-    if dtype == torch.float32 and torch.cuda.is_available() and fastres.get_fp32_precision() == "tf32":
-        dtype = "tf32"
-    u = UNIT_ROUNDOFF[dtype]
-    return 2 * u, 2 * u * math.sqrt(reduction_length)
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype, reduction_lengths):
-    """Check out against a float64 reference; reduction_lengths: one per fused conv the error
-    passes through (their bounds add up: each rounded stage feeds the next one's sum)."""
-    if isinstance(reduction_lengths, int):
-        reduction_lengths = [reduction_lengths]
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out64 = out.detach().to(torch.float64).cpu()
-    ref = ref.detach().to(torch.float64).cpu()
-    assert torch.isfinite(out64).all(), "output has non-finite values (unwritten/poisoned elements?)"
-    rtol = atol = 0.0
-    for L in reduction_lengths:
-        r, a = tolerance(dtype, L)
-        rtol, atol = rtol + r, atol + a
-    err = (out64 - ref).abs()
-    bound = atol + rtol * ref.abs()
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (
-        f"max excess at flat index {worst.item()}: |{out64.flatten()[worst].item()} - "
-        f"{ref.flatten()[worst].item()}| = {err.flatten()[worst].item():.3g} > "
-        f"{bound.flatten()[worst].item():.3g} (dtype {dtype}, L={reduction_lengths})")
-
 
 def randomize_bn(module: nn.Module, seed: int = 1) -> nn.Module:
     """Give every BatchNorm2d non-trivial statistics and affine parameters (fresh init has
     mean 0 / var 1 / weight 1 / bias 0, which would let a folding bug pass unseen)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                dev = m.running_mean.device
-                m.running_mean.copy_((torch.randn(n, generator=g) * 0.5).to(dev))
-                m.running_var.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
-                if m.weight is not None:
-                    m.weight.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
-                    m.bias.copy_((torch.randn(n, generator=g) * 0.5).to(dev))
-    return module
+    return randomize_batchnorms(module, torch.Generator().manual_seed(seed), shift_scale=0.5)
 
 
 def conv_reduction(conv: nn.Conv2d) -> int:

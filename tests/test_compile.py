@@ -25,12 +25,12 @@ def test_compile_fullgraph_optimized_model(tmp_path, monkeypatch):
     fastres.optimize(model)
     compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
     x = torch.randn(2, 3, 9, 9)
-    from fastres.kernels import conv as conv_kernels
+    from fastres.launch import conv as conv_launch
     with torch.no_grad():
-        before = conv_kernels.launch_count()
+        before = conv_launch.launch_count()
         out = compiled(x)
-        if conv_kernels.INTERPRETED or torch.cuda.is_available():
-            assert conv_kernels.launch_count() - before == 1 + 2 + 3  # the fused kernels ran
+        if conv_launch.INTERPRETED or torch.cuda.is_available():
+            assert conv_launch.launch_count() - before == 1 + 2 + 3  # the fused kernels ran
         eager = model(x)
         ref = reference_model(x.double())
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
@@ -41,7 +41,7 @@ def test_compile_fullgraph_optimized_model(tmp_path, monkeypatch):
 def test_fake_impl_matches_real_output(tmp_path, monkeypatch):
     """The fake (meta) implementation promises the shape/dtype/strides the real one returns."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from fastres.ops import _conv_bn_act
+    from fastres.ops.conv_bn_act import _conv_bn_act
     args = lambda t: (t(2, 8, 7, 7).contiguous(memory_format=torch.channels_last),  # noqa: E731
                       t(16, 8, 3, 3), torch.zeros(16), None, None, None, [2, 2], [1, 1], [1, 1],
                       [1, 1], True, "ieee")
@@ -72,7 +72,7 @@ def test_compile_training_mode_through_the_block_op(tmp_path, monkeypatch):
     one opaque node with a fake implementation and registered autograd; outputs, gradients,
     running statistics and num_batches_tracked equal eager fastres over two steps."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    from fastres.kernels import conv as conv_kernels
+    from fastres.launch import conv as conv_launch
     ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
     model = randomize_bn(nn.Sequential(FusedBasicBlock(8, 8), FusedBottleneck(8, 4, 2, ds))).train()
     compiled_model = copy.deepcopy(model)
@@ -81,10 +81,10 @@ def test_compile_training_mode_through_the_block_op(tmp_path, monkeypatch):
         x = torch.randn(3, 8, 7, 7)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         out1 = model(x1)
-        before = conv_kernels.launch_count()
+        before = conv_launch.launch_count()
         out2 = compiled(x2)
-        if conv_kernels.INTERPRETED or torch.cuda.is_available():
-            assert conv_kernels.launch_count() - before == 2 + 4  # one stats conv per conv
+        if conv_launch.INTERPRETED or torch.cuda.is_available():
+            assert conv_launch.launch_count() - before == 2 + 4  # one stats conv per conv
         torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-5)
         out1.square().sum().backward()
         out2.square().sum().backward()

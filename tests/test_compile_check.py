@@ -40,8 +40,8 @@ def test_report_fails_on_compile_errors_and_shared_memory_overflow():
 
 def test_needs_the_real_jit():
     from fastres import compile_check
-    from fastres.kernels import conv as conv_kernels
-    if not conv_kernels.INTERPRETED:
+    from fastres.launch import conv as conv_launch
+    if not conv_launch.INTERPRETED:
         pytest.skip("the kernels are compiled here (a GPU machine)")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         compile_check.run(quick=True)

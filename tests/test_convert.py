@@ -10,10 +10,10 @@ from torch import nn
 
 import fastres
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
-from fastres.kernels import conv as conv_kernels
+from fastres.launch import conv as conv_launch
 from helpers import UNIT_ROUNDOFF, randomize_bn
 
-USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
 
 def _pair(model):
@@ -26,9 +26,9 @@ def _model_errors(original, fused, x, dtype):
     with torch.no_grad():
         ref = copy.deepcopy(original).double().cpu()(x.double().cpu())
         eager = original.to(dtype)(x.to(dtype)).double().cpu()
-        before = conv_kernels.launch_count()
+        before = conv_launch.launch_count()
         out = fused.to(dtype)(x.to(dtype))
-        launches = conv_kernels.launch_count() - before
+        launches = conv_launch.launch_count() - before
     assert torch.isfinite(out).all()
     return ((out.double().cpu() - ref).abs().max().item(), (eager - ref).abs().max().item(),
             ref.abs().max().item(), launches)

@@ -18,9 +18,10 @@ from torch.nn.utils import parametrizations, parametrize, prune
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fastres
-import fastres.modules
+import fastres.nn.blocks
+import fastres.nn.plan
 from fastres import FusedBasicBlock, FusedConv2d
-from fastres.kernels import conv as conv_kernels
+from fastres.launch import conv as conv_launch
 from helpers import UNIT_ROUNDOFF, randomize_bn
 from test_training_integration import _free_port
 
@@ -444,7 +445,7 @@ def test_block_that_needs_a_larger_input_is_probed_at_a_size_it_accepts():
 def test_known_forwards_are_not_probed_and_others_can_be_trusted(monkeypatch):
     def no_probe(*args, **kwargs):
         raise AssertionError("a known or trusted forward was probed")
-    monkeypatch.setattr(fastres.convert, "probe_reason", no_probe)
+    monkeypatch.setattr(fastres.nn.blocks, "probe_reason", no_probe)
     original, fused = _pair()  # torchvision blocks
     assert all(e.fused for e in fastres.fusion_report(fused).entries)
     import timm
@@ -652,13 +653,13 @@ def test_unbatched_input_fails_where_the_original_fails():
 
 # ---- 12. the optimize()d stem trains fused; 14. the report survives --------------------------------
 
-@pytest.mark.skipif(not (conv_kernels.INTERPRETED or torch.cuda.is_available()),
+@pytest.mark.skipif(not (conv_launch.INTERPRETED or torch.cuda.is_available()),
                     reason="the fused training op runs on the Triton kernels")
 def test_optimized_stem_trains_through_the_fused_op(monkeypatch):
     calls = []
-    real = fastres.modules.chain_train
-    monkeypatch.setattr(fastres.modules, "chain_train",
-                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = fastres.nn.plan.run_train_op
+    monkeypatch.setattr(fastres.nn.plan, "run_train_op",
+                        lambda *a, **k: calls.append(a[0][0]) or real(*a, **k))
     original, fused = _pair()
     assert "trains fused" in fastres.fusion_report(fused).find("conv1").detail
     for m in (original, fused):

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fastres import conv_bn_act
-from fastres.kernels import conv as conv_kernels
+from fastres.launch import configs
+from fastres.launch import conv as conv_launch
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format,
                      relative_error, to_format)
 
@@ -76,7 +77,7 @@ def test_kernel_matches_float64_reference(name, dtype, fmt, device):
     guard = to_format(guard, fmt)
     out = guard[1:N + 1]
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
-    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee")
     assert_close(out, reference(c), dtype, c["L"])
     assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
@@ -87,7 +88,7 @@ def test_kernel_matches_float64_reference(name, dtype, fmt, device):
 def test_both_reduction_orders(name, flat, device):
     c = make_case(CASES[name], torch.float32, torch.channels_last, device)
     out = torch.full(c["shape"], float("nan"), device=device).contiguous(memory_format=torch.channels_last)
-    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], None, None, out, c["stride"],
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], None, None, out, c["stride"],
                               c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
                               flat_reduction=flat)
     assert_close(out, reference(c), torch.float32, c["L"])
@@ -99,7 +100,7 @@ def test_64bit_channel_offsets(name, device):
     c = make_case(CASES[name], torch.float16, torch.contiguous_format, device)
     out = torch.full(c["shape"], float("nan"), dtype=torch.float16, device=device)
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
-    conv_kernels.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee", index_64=True)
     assert_close(out, reference(c), torch.float16, c["L"])
 
@@ -158,46 +159,46 @@ def test_torch_backend_matches(monkeypatch, device):
 
 
 def test_interpreter_config_blocks_are_at_least_16():
-    cfg = conv_kernels.INTERPRETER_CONFIG
-    assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= conv_kernels.MIN_BLOCK
+    cfg = conv_launch.INTERPRETER_CONFIG
+    assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= configs.MIN_BLOCK
 
 
 def test_gpu_config_table_is_valid_data():
-    table = conv_kernels.load_config_table()
+    table = configs.load_config_table()
     names = {e["name"] for e in table["classes"]}
     # Every ResNet-50 conv shape lands in a class; the stem is flat, the rest are not.
-    assert conv_kernels.shape_class(table, M=256 * 112 * 112, C=3, K=64, R=7, S=7, flat=True) == "stem"
-    assert conv_kernels.shape_class(table, M=256 * 56 * 56, C=64, K=256, R=1, S=1, flat=False) == "pointwise"
-    assert conv_kernels.shape_class(table, M=256 * 14 * 14, C=256, K=256, R=3, S=3, flat=False) == "spatial"
-    assert conv_kernels.shape_class(table, M=49, C=512, K=512, R=3, S=3, flat=False) == "small_m"
+    assert configs.shape_class(table, M=256 * 112 * 112, C=3, K=64, R=7, S=7, flat=True) == "stem"
+    assert configs.shape_class(table, M=256 * 56 * 56, C=64, K=256, R=1, S=1, flat=False) == "pointwise"
+    assert configs.shape_class(table, M=256 * 14 * 14, C=256, K=256, R=3, S=3, flat=False) == "spatial"
+    assert configs.shape_class(table, M=49, C=512, K=512, R=3, S=3, flat=False) == "small_m"
     assert {"stem", "pointwise", "spatial", "small_m"} <= names
 
 
 def test_autotuner_prunes_to_the_shape_class():
     """The GPU path: the full curated list goes to triton.autotune, and each launch keeps only
     its class's configs (run here without a GPU: no benchmarking, just the selection)."""
-    table = conv_kernels.load_config_table()
-    configs = conv_kernels.all_tuning_configs()
-    by_class = {e["name"]: {conv_kernels._config_id(c) for c in e["configs"]} for e in table["classes"]}
-    assert len(configs) == len(set().union(*by_class.values()))
+    table = configs.load_config_table()
+    tuning = configs.all_tuning_configs()
+    by_class = {e["name"]: {configs.config_id(c) for c in e["configs"]} for e in table["classes"]}
+    assert len(tuning) == len(set().union(*by_class.values()))
     half = torch.empty(1, dtype=torch.float16)
     launch = dict(N=256, C=64, K=256, P=56, Q=56, x_ptr=half)
-    kept = conv_kernels.prune_to_shape_class(configs, launch, R=1, S=1, FLAT_REDUCTION=False)
+    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_REDUCTION=False)
     ids = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
             c.num_warps, c.num_stages) for c in kept}
     assert ids == by_class["pointwise"]
-    kept = conv_kernels.prune_to_shape_class(configs, dict(N=256, C=3, K=64, P=112, Q=112, x_ptr=half),
+    kept = configs.prune_to_shape_class(tuning, dict(N=256, C=3, K=64, P=112, Q=112, x_ptr=half),
                                              R=7, S=7, FLAT_REDUCTION=True)
     assert len(kept) == len(by_class["stem"])
     # fp32 operands take twice the shared memory: the 128x256x64, 3-stage pointwise config
     # (288 KiB of staging, as compiled for sm_90 by `python -m fastres compile-check`) is dropped.
     launch["x_ptr"] = torch.empty(1, dtype=torch.float32)
-    kept = conv_kernels.prune_to_shape_class(configs, launch, R=1, S=1, FLAT_REDUCTION=False)
+    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_REDUCTION=False)
     assert 0 < len(kept) < len(by_class["pointwise"])
-    assert all(conv_kernels.fits_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+    assert all(configs.fits_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                                                c.kwargs["BLOCK_K"], c.num_stages, 4) for c in kept)
-    assert not conv_kernels.fits_shared_memory(128, 256, 64, 3, 4)
-    assert conv_kernels.fits_shared_memory(128, 128, 64, 3, 4)  # 192 KiB: fits
-    assert conv_kernels.fits_shared_memory(128, 128, 64, 3, 4, stats=True)  # 225 KiB compiled
-    assert conv_kernels.fits_shared_memory(128, 256, 64, 3, 2, stats=True)  # fp16: 161 KiB
-    assert conv_kernels._build_tuned_kernel() is not None  # the autotuner accepts the configs
+    assert not configs.fits_shared_memory(128, 256, 64, 3, 4)
+    assert configs.fits_shared_memory(128, 128, 64, 3, 4)  # 192 KiB: fits
+    assert configs.fits_shared_memory(128, 128, 64, 3, 4, stats=True)  # 225 KiB compiled
+    assert configs.fits_shared_memory(128, 256, 64, 3, 2, stats=True)  # fp16: 161 KiB
+    assert conv_launch._build_tuned_kernel() is not None  # the autotuner accepts the configs

@@ -8,12 +8,12 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
-from fastres.kernels import conv as conv_kernels
+from fastres.launch import conv as conv_launch
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_close,
                      assert_step_as_accurate_as_eager, conv_reduction, is_format, kink_free_grad,
                      randomize_bn, to_format)
 
-USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
 
 def _downsample(cin, cout, stride):
@@ -49,10 +49,10 @@ def test_block_eval_matches_float64_reference(kind, with_downsample, dtype, fmt,
     block = block.to(device=device, dtype=dtype, memory_format=fmt)
     x = to_format(torch.randn(3, block.conv1.in_channels, 9, 7, device=device).to(dtype), fmt)
     x_before = x.clone()
-    before = conv_kernels.launch_count()
+    before = conv_launch.launch_count()
     with torch.no_grad():
         out = block(x)
-    launches = conv_kernels.launch_count() - before
+    launches = conv_launch.launch_count() - before
     formula = reference.basic_block_reference if kind == "basic" else reference.bottleneck_reference
     with torch.no_grad():
         ref = formula(ref_block, x.double().cpu())
@@ -71,13 +71,13 @@ def test_identity_led_shortcut_is_fused(device):
     ref_block = copy.deepcopy(block).double()
     block = block.to(device)
     x = torch.randn(2, 24, 7, 7, device=device)
-    before = conv_kernels.launch_count()
+    before = conv_launch.launch_count()
     with torch.no_grad():
         out = block(x)
         ref = reference.bottleneck_reference(ref_block, x.double().cpu())
     assert_close(out, ref, torch.float32, [24, 108, 12 + 24])
     if USES_KERNELS:
-        assert conv_kernels.launch_count() - before == 3
+        assert conv_launch.launch_count() - before == 3
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
@@ -125,9 +125,9 @@ def test_train_mode_runs_the_fused_training_op_by_default(kind, device):
     (Accuracy in every dtype and format: tests/test_training_autograd.py.)"""
     fused, tv, x = _train_pair(kind, device)
     assert fused.train_fallback_reason is None
-    before = conv_kernels.launch_count()
+    before = conv_launch.launch_count()
     out_f, out_t = fused(x), tv(x)
-    assert conv_kernels.launch_count() - before == len(stage_reductions(fused)) + 1
+    assert conv_launch.launch_count() - before == len(stage_reductions(fused)) + 1
     assert "fastres_block_train" in out_f.grad_fn.name()
     tol = 64 * UNIT_ROUNDOFF[torch.float32]
     torch.testing.assert_close(out_f, out_t, rtol=tol, atol=tol)
@@ -213,10 +213,10 @@ def test_frozen_bn_training_runs_fused_and_differentiates(kind, dtype, fmt, devi
     x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     x_ref = x0.detach().double().cpu().requires_grad_()
     buffers = [b.clone() for b in block.buffers()]
-    before = conv_kernels.launch_count()
+    before = conv_launch.launch_count()
     out = block(x)
     if USES_KERNELS:
-        assert conv_kernels.launch_count() - before == len(block._fastres_stages)  # fused, not fallen back
+        assert conv_launch.launch_count() - before == len(block._fastres_stages)  # fused, not fallen back
     formula = reference.basic_block_reference if kind == "basic" else reference.bottleneck_reference
     outs = (out, formula(eager, x_eager), formula(ref, x_ref))
     grad = kink_free_grad(outs[2], dtype)

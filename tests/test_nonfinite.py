@@ -27,10 +27,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import fastres
-from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, training
-from fastres.kernels import conv as conv_kernels
-from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
-                                         bn_relu_backward)
+from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
+from fastres.launch import conv as conv_launch
+from fastres.launch.bn import MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
+from fastres.ops import block_train as training_op
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_close,
                      assert_as_accurate_as_eager, randomize_bn, to_format, torchvision_block)
 
@@ -38,7 +38,7 @@ from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, asse
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
-USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
 
 def poke(t: torch.Tensor, count: int) -> torch.Tensor:
@@ -165,12 +165,12 @@ def test_eval_block_keeps_nan_and_inf(kind, downsample, dtype, fmt, device):
     model = _fused(block.to(device=device, dtype=dtype, memory_format=fmt))
     x = to_format(poke(torch.randn(2, block.conv1.in_channels, 8, 7), 4).to(device=device,
                                                                             dtype=dtype), fmt)
-    before = conv_kernels.launch_count()
+    before = conv_launch.launch_count()
     with torch.no_grad():
         out = model(x)
         ref, want_eager = ref_block(x.double().cpu()), eager(x)
     if USES_KERNELS:
-        assert conv_kernels.launch_count() - before == (2 if kind == "basic" else 3)
+        assert conv_launch.launch_count() - before == (2 if kind == "basic" else 3)
     assert _has_both(ref)
     assert_same_nonfinite(out, ref, "output", dtype, _stage_lengths(block),
                           eager=on_cpu(want_eager, device))
@@ -224,7 +224,7 @@ def test_prologue_relu_keeps_nan_and_inf(flat, dtype, fmt, device):
     scale = (torch.rand(C, device=device) + 0.5) * sign  # -: +inf -> -inf -> relu -> 0
     shift = torch.rand(C, device=device) + 0.5  # > 0: relu(shift) != 0, so bad padding shows
     out = to_format(torch.full((N, K, H, W), float("nan"), dtype=dtype, device=device), fmt)
-    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
+    conv_launch.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
                               False, "ieee", flat_reduction=flat, prologue=(scale, shift))
     d = torch.float64
     act = torch.relu(x.to(d) * scale.to(d).view(1, -1, 1, 1) + shift.to(d).view(1, -1, 1, 1))
@@ -283,10 +283,10 @@ def _bn_relu_backward_case(case, dtype, fmt, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", ["output", "affine"])
 def test_bn_relu_backward_keeps_nan_and_inf(case, dtype, fmt, impl, device):
-    """kernels/bn_backward.bn_relu_backward and its torch twin in fastres.training against
+    """fastres.launch.bn.bn_relu_backward and its torch twin in fastres.ops.block_train against
     float64 autograd: dL/dy, dgamma, dbeta and the identity shortcut's masked gradient."""
     grad, bn, kind, kwargs, refs, out64 = _bn_relu_backward_case(case, dtype, fmt, device)
-    backward = bn_relu_backward if impl == "kernel" else training._bn_relu_grads_torch
+    backward = bn_relu_backward if impl == "kernel" else training_op._bn_relu_grads_torch
     dy, dgamma, dbeta, _, _, _, g = backward(grad, bn, kind, **kwargs)
     M = grad.numel() // grad.shape[1]
     assert _has_both(refs[0]) and _has_both(refs[1])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastres import reference
-from fastres.kernels.bn_act import bn_act
-from fastres.training import block_train_forward
+from fastres.launch.bn import bn_act
+from fastres.nn.blocks import block_train_forward
 from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, randomize_bn, to_format,
                      torchvision_block)
 

@@ -12,13 +12,13 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fastres
-from fastres.kernels import conv as conv_kernels
-from fastres.training import block_train
+from fastres.launch import conv as conv_launch
+from fastres.nn.blocks import block_train
 from helpers import (assert_step_as_accurate_as_eager, kink_free_grad, randomize_bn,
                      relative_error, torchvision_block)
 from test_training_autograd import _TinyResNet, _assert_close_scaled, fused
 
-USES_KERNELS = conv_kernels.INTERPRETED or torch.cuda.is_available()
+USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
 
 # ---- gradcheck ------------------------------------------------------------------------------------
@@ -90,10 +90,10 @@ def test_autocast_training_is_as_accurate_as_eager_autocast(kind, device):
     x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     x_ref = x0.double().cpu().requires_grad_()
     with torch.autocast(device.type, dtype=dtype):
-        before = conv_kernels.launch_count()
+        before = conv_launch.launch_count()
         out = model(x)
         n_convs = (3 if kind == "basic" else 4)  # with the downsample
-        assert conv_kernels.launch_count() - before == n_convs  # the fused training path ran
+        assert conv_launch.launch_count() - before == n_convs  # the fused training path ran
         out_eager = eager(x_eager)
     out_ref = ref(x_ref)
     assert out.dtype == out_eager.dtype == dtype
@@ -149,7 +149,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 opt.step()
                 log.append(loss.item())
         torch.save({"losses": losses, "fused": model.state_dict(), "ref": ref.state_dict(),
-                    "kernel_launches": conv_kernels.launch_count()},
+                    "kernel_launches": conv_launch.launch_count()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -198,21 +198,19 @@ def test_triton_launches_per_training_step(kind, downsample, forward, backward, 
     three BN+ReLU launches per BN (the last BN and the downsample's share theirs) and one
     activation recompute per inner stage; the conv gradients are aten convolution_backward
     calls (cuDNN on a GPU) and not counted here."""
-    from fastres.kernels import bn_act, bn_backward, bn_stats
+    from fastres.launch import bn as bn_launch
     counters = []
-    for module, name in ((bn_act, "bn_act_kernel"), (bn_stats, "bn_finalize_kernel"),
-                         (bn_backward, "bn_backward_reduce_kernel"),
-                         (bn_backward, "bn_backward_finalize_kernel"),
-                         (bn_backward, "bn_backward_apply_kernel")):
-        counter = _CountingKernel(getattr(module, name))
-        monkeypatch.setattr(module, name, counter)
+    for name in ("bn_act_kernel", "bn_finalize_kernel", "bn_backward_reduce_kernel",
+                 "bn_backward_finalize_kernel", "bn_backward_apply_kernel"):
+        counter = _CountingKernel(getattr(bn_launch, name))
+        monkeypatch.setattr(bn_launch, name, counter)
         counters.append(counter)
     model = fused(randomize_bn(torchvision_block(kind, downsample)).to(device).train())
     x = torch.randn(2, model.conv1.in_channels, 6, 6, device=device, requires_grad=True)
-    convs_before = conv_kernels.launch_count()
+    convs_before = conv_launch.launch_count()
     out = model(x)
-    launched = conv_kernels.launch_count() - convs_before + sum(c.launches for c in counters)
+    launched = conv_launch.launch_count() - convs_before + sum(c.launches for c in counters)
     assert launched == forward
     out.sum().backward()
-    assert conv_kernels.launch_count() - convs_before + sum(c.launches for c in counters) \
+    assert conv_launch.launch_count() - convs_before + sum(c.launches for c in counters) \
         == forward + backward

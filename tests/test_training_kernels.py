@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.kernels import conv as conv_kernels
+from fastres.launch import conv as conv_launch
 from fastres.reference import merge_chunk_stats
 from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, to_format
 
@@ -32,7 +32,7 @@ def test_prologue_applies_bn_and_relu_and_keeps_padding_zero(name, dtype, fmt, d
     shift = torch.rand(C, device=device) + 0.5  # > 0: relu(shift) != 0, so bad padding shows
     P, Q = _conv_out(H, R, stride, padding), _conv_out(W, R, stride, padding)
     out = to_format(torch.full((N, K, P, Q), float("nan"), dtype=dtype, device=device), fmt)
-    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (stride, stride),
+    conv_launch.fused_conv2d(x, w, None, None, None, None, out, (stride, stride),
                               (padding, padding), (1, 1), (1, 1), False, "ieee",
                               prologue=(scale, shift))
     d = torch.float64
@@ -56,12 +56,12 @@ def test_stats_epilogue_matches_batch_var_mean(shape, dtype, device):
     out = torch.full((N, K, H, W), float("nan"), dtype=dtype, device=device)
     out = out.contiguous(memory_format=torch.channels_last)
     M = N * H * W
-    stats = torch.full((conv_kernels.stats_chunks(M), 2, K), float("nan"), device=device)
-    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
+    stats = torch.full((conv_launch.stats_chunks(M), 2, K), float("nan"), device=device)
+    conv_launch.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
                               False, "ieee", stats=stats)
     y64 = F.conv2d(x.double(), w.double(), None, 1, 1)
     assert_close(out, y64, dtype, 9 * C)  # the raw conv output is still written
-    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
+    mean, var = merge_chunk_stats(stats, M, conv_launch.STATS_CHUNK)
     ref_mean, ref_var = _stats_reference(y64)
     # The statistics come from the fp32 accumulator, before the output is rounded to dtype.
     torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-4, atol=1e-4)
@@ -76,10 +76,10 @@ def test_stats_are_stable_for_large_means(device):
     w = torch.full((K, C, 1, 1), 1.0 / C, device=device) * (torch.rand(K, 1, 1, 1, device=device) + 2.5)
     out = torch.empty(N, K, H, W, device=device).contiguous(memory_format=torch.channels_last)
     M = N * H * W
-    stats = torch.empty(conv_kernels.stats_chunks(M), 2, K, device=device)
-    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1), (1, 1),
+    stats = torch.empty(conv_launch.stats_chunks(M), 2, K, device=device)
+    conv_launch.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1), (1, 1),
                               False, "ieee", stats=stats)
-    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
+    mean, var = merge_chunk_stats(stats, M, conv_launch.STATS_CHUNK)
     _, ref_var = _stats_reference(F.conv2d(x.double(), w.double()))
     rel = ((var.double().cpu() - ref_var.cpu()).abs() / ref_var.cpu()).max().item()
     assert rel < 1e-3, rel
@@ -97,15 +97,15 @@ def test_prologue_and_stats_in_one_launch(device):
     scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     out = torch.empty(N, K, H, W, device=device).contiguous(memory_format=torch.channels_last)
     M = N * H * W
-    stats = torch.empty(conv_kernels.stats_chunks(M), 2, K, device=device)
-    before = conv_kernels.launch_count()
-    conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
+    stats = torch.empty(conv_launch.stats_chunks(M), 2, K, device=device)
+    before = conv_launch.launch_count()
+    conv_launch.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (1, 1), (1, 1), (1, 1),
                               False, "ieee", prologue=(scale, shift), stats=stats)
-    assert conv_kernels.launch_count() - before == 1
+    assert conv_launch.launch_count() - before == 1
     act = torch.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
     y64 = F.conv2d(act, w.double(), None, 1, 1)
     assert_close(out, y64, torch.float32, 9 * C)
-    mean, var = merge_chunk_stats(stats, M, conv_kernels.STATS_CHUNK)
+    mean, var = merge_chunk_stats(stats, M, conv_launch.STATS_CHUNK)
     ref_mean, ref_var = _stats_reference(y64)
     torch.testing.assert_close(mean.double().cpu(), ref_mean.cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double().cpu(), ref_var.cpu(), rtol=1e-5, atol=1e-6)
@@ -116,7 +116,7 @@ def test_stats_buffer_shape_is_checked(device):
     w = torch.randn(8, 4, 1, 1, device=device)
     out = torch.empty(1, 8, 5, 5, device=device)
     with pytest.raises(ValueError, match="stats buffer"):
-        conv_kernels.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1),
+        conv_launch.fused_conv2d(x, w, None, None, None, None, out, (1, 1), (0, 0), (1, 1),
                                   (1, 1), False, "ieee", stats=torch.empty(3, 2, 8, device=device))
 
 
@@ -124,7 +124,7 @@ def test_stats_buffer_shape_is_checked(device):
 
 def _chunk_stats(y):
     """Per-64-row-chunk (mean, M2) of y (M, K) in float64, as the STATS epilogue lays them out."""
-    chunk = conv_kernels.STATS_CHUNK
+    chunk = conv_launch.STATS_CHUNK
     parts = []
     for i in range(0, y.shape[0], chunk):
         c = y[i:i + chunk].double()
@@ -135,7 +135,7 @@ def _chunk_stats(y):
 def _finalize(stats, M, bn):
     """bn_finalize for a module's BN; num_batches_tracked incremented after, as the op's caller
     does."""
-    from fastres.kernels.bn_stats import bn_finalize
+    from fastres.launch.bn import bn_finalize
     track = bn.training and bn.track_running_stats
     out = bn_finalize(stats, M, bn.weight, bn.bias, bn.running_mean if track else None,
                       bn.running_var if track else None, bn.num_batches_tracked,
@@ -164,7 +164,7 @@ def test_bn_finalize_matches_batchnorm_bookkeeping(bn_kwargs, device):
         y = torch.randn(M, K, device=device) * 3 + 50
         stats = _chunk_stats(y.cpu()).to(device)
         scale, shift, mean, invstd, new_rm, new_rv = _finalize(stats, M, bn)
-        ref_mean, ref_var = merge_chunk_stats(stats.cpu(), M, conv_kernels.STATS_CHUNK)
+        ref_mean, ref_var = merge_chunk_stats(stats.cpu(), M, conv_launch.STATS_CHUNK)
         ref_scale, ref_shift = batch_norm_train_update(ref_bn.cpu(), ref_mean, ref_var, M)
         for got, want in ((scale, ref_scale), (shift, ref_shift), (mean, ref_mean),
                           (invstd, torch.rsqrt(ref_var + bn.eps))):
@@ -210,8 +210,8 @@ BACKWARD_CASES = {
 def test_bn_relu_backward_matches_float64_autograd(name, grad_fmt, dtype, fmt, device):
     """dL/dy, dL/dgamma, dL/dbeta (and the second BN's, and the identity shortcut's masked
     gradient) against float64 autograd through batch-statistics BN + ReLU."""
-    from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
-                                             bn_relu_backward)
+    from fastres.launch.bn import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
+                                   bn_relu_backward)
     N, C, H, W, mask, has_second, identity, affine = BACKWARD_CASES[name]
     eps, M = 1e-5, N * H * W
     ch = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
@@ -289,9 +289,9 @@ def test_bn_relu_backward_matches_float64_autograd(name, grad_fmt, dtype, fmt, d
 
 def _bf16_rounding_case(kernel, device):
     """(a bf16 result of one kernel, the exact value it rounds, in float64)."""
-    from fastres.kernels.bn_act import bn_act
-    from fastres.kernels.bn_backward import MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
-    from fastres.kernels.bn_stats import bn_finalize
+    from fastres.launch.bn import bn_act
+    from fastres.launch.bn import MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
+    from fastres.launch.bn import bn_finalize
     bf, d = torch.bfloat16, torch.float64
     ch = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
     N, C, H, W = 2, 24, 9, 7
@@ -303,7 +303,7 @@ def _bf16_rounding_case(kernel, device):
         y = y.contiguous(memory_format=torch.channels_last)
         w = torch.eye(C, device=device).view(C, C, 1, 1).to(bf)
         out = torch.empty_like(y)
-        conv_kernels.fused_conv2d(y, w.contiguous(memory_format=torch.channels_last), None, None,
+        conv_launch.fused_conv2d(y, w.contiguous(memory_format=torch.channels_last), None, None,
                                   None, None, out, (1, 1), (0, 0), (1, 1), (1, 1), False, "ieee",
                                   prologue=(scale, shift))
         return out, torch.relu(y.to(d) * ch(scale.to(d)) + ch(shift.to(d)))

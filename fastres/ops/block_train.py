@@ -1,5 +1,5 @@
 """Training-mode fusion: a ResNet block (or a conv -> BN -> ReLU chain such as the stem) with
-batch-statistics BatchNorm as one registered op.
+batch-statistics BatchNorm as one registered op, fastres::block_train.
 
 Forward, per block (Triton on CUDA or under the interpreter):
   conv1 (raw output + per-chunk batch statistics)  ->  BN1 finalize (scale/shift, new running stats)
@@ -7,7 +7,7 @@ Forward, per block (Triton on CUDA or under the interpreter):
   [downsample conv (raw + statistics)]
   one elementwise pass: relu(BN_last(y) + BN_ds(y_ds) | x)
 Every activation is written once, raw, and read once by its consumer, with BN's normalisation
-folded into the consumer's loads. The finalize (kernels/bn_stats.py) reproduces nn.BatchNorm2d's
+folded into the consumer's loads. The finalize (kernels/bn_finalize.py) reproduces nn.BatchNorm2d's
 bookkeeping exactly: momentum or the cumulative average (momentum=None), the unbiased running
 variance, no update at all with track_running_stats=False.
 
@@ -35,31 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastres import ops
-from fastres.kernels import conv as conv_kernels
-from fastres.kernels.bn_act import bn_act, same_layout
-from fastres.kernels.bn_backward import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK,
-                                         BNGradInput, bn_relu_backward)
-from fastres.kernels.bn_stats import bn_finalize
-from fastres.anatomy import conv_padding
+from fastres.launch import conv as conv_launch
+from fastres.launch.bn import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK, BNGradInput, bn_act,
+                               bn_finalize, bn_relu_backward, same_layout)
+from fastres.ops import conv_bn_act as conv_op
+from fastres.ops.conv_bn_act import conv_padding
 
 GEOMETRY_INTS = 6  # per conv: stride (2), padding (2), dilation (2)
 # What the op adds before its final ReLU: nothing (a conv -> BN -> ReLU chain such as the stem),
 # the op's input (a block's identity shortcut), or the last conv's BN output (the downsample's).
 NO_SHORTCUT, IDENTITY, DOWNSAMPLE = 0, 1, 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Which modules make up a block
-
-def stage_modules(block: nn.Module):
-    """([(conv, bn) per stage], (conv, bn) of the downsample or None) of a torchvision-style
-    block: children conv1/bn1, conv2/bn2[, conv3/bn3], downsample = Sequential(..., conv, bn)."""
-    mods = block._modules
-    stages = ["conv1", "conv2"] + (["conv3"] if "conv3" in mods else [])
-    pairs = [(mods[n], mods["bn" + n[-1]]) for n in stages]
-    ds = mods.get("downsample")
-    return pairs, ((ds[-2], ds[-1]) if ds is not None else None)
 
 
 def _geometry(conv: nn.Conv2d) -> List[int]:
@@ -80,7 +65,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _uses_kernels(x: Tensor) -> bool:
-    return x.dtype in ops.SUPPORTED_DTYPES and ops.backend_for(x) == "triton"
+    return x.dtype in conv_op.SUPPORTED_DTYPES and conv_op.backend_for(x) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +77,8 @@ def _conv_out_shape(x_shape, w_shape, geometry, i):
     stride, padding, dilation = _unpack_geometry(geometry, i)
     N, _, H, W = x_shape
     K, _, R, S = w_shape
-    shape = (N, K, ops._output_size(H, R, stride[0], padding[0], dilation[0]),
-             ops._output_size(W, S, stride[1], padding[1], dilation[1]))
+    shape = (N, K, conv_op.output_size(H, R, stride[0], padding[0], dilation[0]),
+             conv_op.output_size(W, S, stride[1], padding[1], dilation[1]))
     if shape[2] < 1 or shape[3] < 1:
         raise ValueError(f"fastres: input {H}x{W} is too small for conv {i}'s {R}x{S} kernel")
     if N * shape[2] * shape[3] <= 1:
@@ -108,7 +93,7 @@ def _planned_shapes(x: Tensor, weights: List[Tensor], per_bn: List[List[Optional
     stages in order, then the downsample's."""
     if x.dim() != 4:
         raise ValueError(f"fastres: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in ops.SUPPORTED_DTYPES + (torch.float64,):
+    if x.dtype not in conv_op.SUPPORTED_DTYPES + (torch.float64,):
         raise TypeError(f"fastres: input dtype {x.dtype} is not supported")
     n = len(weights) - int(shortcut == DOWNSAMPLE)
     if n < 1 or len(geometry) != GEOMETRY_INTS * len(weights):
@@ -145,11 +130,11 @@ def _conv_with_stats_kernel(x, weight, bias, geometry, i, shape, bn_args, fp32_p
     BN finalize on its batch statistics: (y, scale, shift, mean, invstd, new_running_mean,
     new_running_var). Two launches."""
     stride, padding, dilation = _unpack_geometry(geometry, i)
-    out = ops._empty_output(x, shape)
+    out = conv_op.empty_output(x, shape)
     M = shape[0] * shape[2] * shape[3]
-    stats = torch.empty((conv_kernels.stats_chunks(M), 2, shape[1]), dtype=torch.float32,
+    stats = torch.empty((conv_launch.stats_chunks(M), 2, shape[1]), dtype=torch.float32,
                         device=x.device)
-    conv_kernels.fused_conv2d(x, weight.contiguous(memory_format=torch.channels_last),
+    conv_launch.fused_conv2d(x, weight.contiguous(memory_format=torch.channels_last),
                               None if bias is None else bias.float(), None, None, None, out,
                               stride, padding, dilation, (1, 1), False, fp32_precision,
                               prologue=prologue, stats=stats)
@@ -162,7 +147,7 @@ def _conv_with_stats_torch(x, weight, bias, geometry, i, bn_args):
     stride, padding, dilation = _unpack_geometry(geometry, i)
     gamma, beta, running_mean, running_var, batches_tracked, eps, momentum = bn_args
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
-    y = y.contiguous(memory_format=ops.output_memory_format(x))
+    y = y.contiguous(memory_format=conv_op.output_memory_format(x))
     acc = _stat_dtype(x)
     var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
     invstd = torch.rsqrt(var + eps)
@@ -171,7 +156,7 @@ def _conv_with_stats_torch(x, weight, bias, geometry, i, bn_args):
     new_rm = new_rv = None
     if running_mean is not None:
         count = y.numel() // y.shape[1]
-        # batches_tracked is the count before this batch (see kernels/bn_stats.py)
+        # batches_tracked is the count before this batch (see kernels/bn_finalize.py)
         factor = 1.0 / (batches_tracked.to(acc) + 1) if momentum is None else momentum
         unbiased = var * (count / max(count - 1, 1))
         new_rm = ((1 - factor) * running_mean.to(acc) + factor * mean).to(running_mean.dtype)
@@ -246,7 +231,7 @@ def _block_train_impl(x: Tensor, weights: List[Tensor], conv_biases: List[Tensor
         # The tail walks y and the residual as one flat array: a strided-view input is copied
         # into y's layout first (y has x's memory format, dense).
         residual = x if same_layout(x, y) else x.contiguous(
-            memory_format=ops.output_memory_format(x))
+            memory_format=conv_op.output_memory_format(x))
         out = bn_act(y, scale, shift, residual=residual, relu=relu) if kernels else \
             _bn_relu_torch(y, scale, shift, residual=x.to(scale.dtype), relu=relu)
     else:
@@ -270,14 +255,14 @@ def _block_train_fake(x, weights, conv_biases, bn_weights, bn_biases, running_me
                       shortcut, relu, fp32_precision):
     per_bn = list(zip(*map(_optional, (conv_biases, bn_weights, bn_biases, running_means,
                                        running_vars))))
-    ys = [ops._empty_output(x, shape)
+    ys = [conv_op.empty_output(x, shape)
           for shape in _planned_shapes(x, weights, per_bn, geometry, shortcut)]
     n = len(weights) - int(shortcut == DOWNSAMPLE)
     acc = _stat_dtype(x)
     per_channel = lambda: [x.new_empty(w.shape[0], dtype=acc) for w in weights]  # noqa: E731
     new_running = [[torch.empty_like(rm) for rm in running]
                    for running in (running_means, running_vars)]
-    return ([ops._empty_output(x, ys[n - 1].shape)] + ys + per_channel() + per_channel()
+    return ([conv_op.empty_output(x, ys[n - 1].shape)] + ys + per_channel() + per_channel()
             + per_channel() + per_channel() + new_running[0] + new_running[1])
 
 
@@ -289,7 +274,7 @@ def _bn_relu_grads_torch(grad, bn: BNGradInput, mask, mask_output=None, affine=N
     """bn_relu_backward's contract in torch ops (float64 and CPU without the interpreter)."""
     acc = bn.mean.dtype
     g = grad.to(acc)
-    # The ReLU's backward as torch computes it (see kernels/bn_backward._masked_grad).
+    # The ReLU's backward as torch computes it (see kernels/bn_backward.py, _masked_grad).
     if mask == MASK_FROM_OUTPUT:
         g = torch.ops.aten.threshold_backward(g, mask_output.to(acc), 0)
     elif mask == MASK_FROM_AFFINE:
@@ -338,7 +323,7 @@ def _block_backward_impl(grad: Tensor, x: Tensor, out: Tensor, weights: List[Ten
 
     def conv_backward(dy, inp, i, need_input):
         stride, padding, dilation = _unpack_geometry(geometry, i)
-        return ops.conv_grads(dy, inp, weights[i], stride, padding, dilation,
+        return conv_op.conv_grads(dy, inp, weights[i], stride, padding, dilation,
                               (need_input, True, True), has_bias=has_conv_bias[i])
 
     dw, db = [None] * n_bn, [None] * n_bn
@@ -422,7 +407,7 @@ _block_train_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Module-level entry point
 
-def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, shortcut: int,
+def run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, shortcut: int,
                   relu: bool) -> Tensor:
     """Call fastres::block_train on these modules: cast for autocast, then copy the returned
     running statistics into the BN buffers and increment num_batches_tracked."""
@@ -445,7 +430,7 @@ def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, 
             given(b.num_batches_tracked if t and b.momentum is None else None
                   for b, t in zip(bns, tracking)),
             geometry, [float(b.eps) for b in bns], [float(b.momentum or 0.0) for b in bns],
-            [b.momentum is None for b in bns], shortcut, relu, ops.get_fp32_precision())
+            [b.momentum is None for b in bns], shortcut, relu, conv_op.get_fp32_precision())
     with torch.autocast(device_type, enabled=False):
         results = _block_train_op(*args)
     # Only now, with the op done, the BN state changes: a call that raised has changed nothing.
@@ -461,30 +446,3 @@ def _run_train_op(convs: List[nn.Conv2d], bns: List[nn.BatchNorm2d], x: Tensor, 
         if counters:
             torch._foreach_add_(counters, 1)
     return results[0]
-
-
-def block_train(block: nn.Module, x: Tensor) -> Tensor:
-    """Training-mode forward of a torchvision-style ResNet block (every BN in train mode) through
-    the fused op: differentiable with respect to x and every conv/BN parameter; updates the BNs'
-    running statistics and num_batches_tracked exactly as the unfused block does.
-
-    Under autocast the convs run in the autocast dtype, as eager's do, with the BN parameters
-    and statistics kept in their own (fp32) dtype."""
-    pairs, ds = stage_modules(block)
-    if ds is not None:
-        pairs = pairs + [ds]
-    return _run_train_op([c for c, _ in pairs], [b for _, b in pairs], x,
-                         DOWNSAMPLE if ds is not None else IDENTITY, True)
-
-
-def chain_train(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, x: Tensor) -> Tensor:
-    """relu?(bn(conv(x))) with the BN in train mode, through the same fused op (one stats conv,
-    one finalize, one elementwise pass; the fused BN + ReLU backward): the stem and every other
-    conv -> BN (-> ReLU) chain outside a block."""
-    return _run_train_op([conv], [bn], x, NO_SHORTCUT, relu)
-
-
-def block_train_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """block_train without autograd (under no_grad): the training-mode forward alone."""
-    with torch.no_grad():
-        return block_train(block, x)

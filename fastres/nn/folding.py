@@ -146,3 +146,24 @@ def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
             _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"),
             _member(bn, "_buffers", "running_mean"), _member(bn, "_buffers", "running_var"),
             _member(bn, "_buffers", "num_batches_tracked")]
+
+
+def cached_fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                memory_format: torch.memory_format, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(weight, bias) of conv with bn folded in, from `cache` unless a source changed."""
+    return cache.get(conv_bn_sources(conv, bn), (bn.eps, memory_format, dtype),
+                     lambda: fold_modules(conv, bn, memory_format, dtype))
+
+
+def cached_fold_with_shortcut(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                              ds_conv: nn.Conv2d, ds_bn: nn.BatchNorm2d,
+                              memory_format: torch.memory_format,
+                              dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """(weight, shortcut weight, bias) of a block's last conv + BN and its downsample conv +
+    BN, reduced into one accumulator: the two folded shifts add up to one bias."""
+    def compute():
+        w, b = fold_modules(conv, bn, memory_format, dtype)
+        w2, b2 = fold_modules(ds_conv, ds_bn, memory_format, dtype)
+        return w, w2, b + b2
+    return cache.get(conv_bn_sources(conv, bn) + conv_bn_sources(ds_conv, ds_bn),
+                     (bn.eps, ds_bn.eps, memory_format, dtype), compute)

@@ -1,6 +1,6 @@
 """What fastres may fuse, in one place: the anatomy of a ResNet block, the conv/BN/shortcut rules
-of the kernels, the forwards fastres knows, and what makes a module off limits (hooks,
-parametrizations).
+of the kernels, the forwards fastres knows, what makes a module off limits (hooks,
+parametrizations), and the per-call rules the fused modules' plan (fastres.nn.plan) applies.
 
 A block is fused only while fastres can promise the user's own forward would compute the same
 thing. Two ways to know that:
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres import reference
+from fastres.ops.conv_bn_act import SUPPORTED_DTYPES, backend_for, conv_padding
 
 # The convs of each block kind, in order; each conv<i> is followed by bn<i>.
 BLOCK_STAGES: Dict[str, Tuple[str, ...]] = {"Bottleneck": ("conv1", "conv2", "conv3"),
@@ -43,25 +44,24 @@ def block_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def block_pairs(block: nn.Module, stages: Tuple[str, ...]) -> Optional[List[Tuple[nn.Module, nn.Module]]]:
+    """(conv, bn) of each stage, then of the downsample (its last two modules, after any
+    leading nn.Identity) if any; None when the children no longer have that shape (a stage
+    removed, the downsample replaced by a lone module). Reads the child dict directly:
+    nn.Module.__getattr__ is slow enough to matter on small inputs."""
+    mods = block._modules
+    try:
+        pairs = [(mods[name], mods["bn" + name[-1]]) for name in stages]
+        ds = mods.get("downsample")
+        if ds is not None:
+            pairs.append((ds[-2], ds[-1]))
+    except (KeyError, TypeError, IndexError):
+        return None
+    return None if any(m is None for pair in pairs for m in pair) else pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # Convolutions and BatchNorms the kernels take
-
-def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
-    """The conv's padding as a pair, or None when it is not a symmetric zero padding."""
-    if conv.padding_mode != "zeros":
-        return None
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            pads.append(total // 2)
-        return tuple(pads)
-    return tuple(conv.padding)
-
 
 def conv_unfusable_reason(conv: nn.Module, conv_type: type = nn.Conv2d) -> Optional[str]:
     """Why the kernel cannot run this conv (None: it can). The type must be exactly conv_type:
@@ -277,14 +277,7 @@ def _randomize(probe: nn.Module, gen: torch.Generator) -> None:
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64)
                                / math.sqrt(fan_in))
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(n, generator=gen, dtype=torch.float64))
-                    m.running_var.copy_(torch.rand(n, generator=gen, dtype=torch.float64) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=gen, dtype=torch.float64) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=gen, dtype=torch.float64))
+    reference.randomize_batchnorms(probe, gen, shift_scale=1.0)
 
 
 def probe_reason(block: nn.Module, kind: str, training: bool) -> Optional[str]:
@@ -358,4 +351,115 @@ def structure_changed(block: nn.Module, verified: List[Tuple[str, nn.Module]]) -
     if len(current) != len(verified) or any(
             n1 != n2 or m1 is not m2 for (n1, m1), (n2, m2) in zip(current, verified)):
         return "its submodules changed since optimize() probed it"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per call: what the input, the context and the modules allow (asked by fastres.nn.plan)
+
+def input_reason(x: Tensor) -> Optional[str]:
+    """Why the fused path cannot take this input (None: it can)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype} (the kernel supports float32, float16, bfloat16)"
+    return None
+
+
+def train_kernels_run(x: Tensor) -> bool:
+    """Whether the fused training op runs for x: the Triton kernels on x's device (CUDA, or the
+    CPU under TRITON_INTERPRET) and a dtype they take. Elsewhere train mode runs unfused."""
+    return input_reason(x) is None and backend_for(x) == "triton"
+
+
+def call_reason(args: tuple, kwargs: dict, training: bool) -> Optional[str]:
+    """Why this call must run the unfused modules, whatever the modules are (None: it may fuse)."""
+    if kwargs or len(args) != 1:
+        return "called with other arguments than one input tensor"
+    x = args[0]
+    if not isinstance(x, Tensor):
+        return "input is not a tensor (torch.fx tracing: the unfused modules are traced)"
+    if x.dim() != 4:
+        return f"{x.dim()}-D input (nn.BatchNorm2d takes 4-D input only)"
+    if training and torch.jit.is_tracing():
+        return "TorchScript tracing in train mode traces the unfused modules"
+    if global_hooks_registered():
+        return "global module hooks are registered"
+    return None
+
+
+def sequential_reason(seq: nn.Module, train: bool) -> Optional[str]:
+    """Why a FusedConvBNReLU (a Sequential of conv, BN[, ReLU]) runs as a plain Sequential in
+    train (train=True) or eval mode whatever the input (None: it fuses)."""
+    mods = list(seq._modules.values())
+    if len(mods) < 2 or len(mods) > 3 or (len(mods) == 3 and type(mods[2]) is not nn.ReLU):
+        return "the Sequential holds other modules than conv, BN and an nn.ReLU"
+    for m in mods:
+        reason = hooks_reason(m)
+        if reason:
+            return reason
+    conv, bn = mods[0], mods[1]
+    bn_reason = bn_train_unfusable_reason if train else bn_unfusable_reason
+    return conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
+
+
+def chain_reason(conv: nn.Module) -> Optional[str]:
+    """Why the conv -> BN (-> ReLU) chain that `conv` (a FusedConv2d) heads runs as three plain
+    modules right now (None: fused). Its BN and ReLU are the FoldedBatchNorm2d/FoldedReLU
+    optimize() made of them (their exact classes set _fastres_folded; the conv's sets
+    _fastres_chain_head), kept in the conv's state `_fastres_bn`, `_fastres_relu`."""
+    d = conv.__dict__
+    bn, relu = d["_fastres_bn"], d["_fastres_relu"]
+    if bn.training and torch.jit.is_tracing():
+        return "TorchScript tracing in train mode traces the unfused modules"
+    if not _own_flag(bn, "_fastres_folded") or (
+            relu is not None and not _own_flag(relu, "_fastres_folded")):
+        return "the BN or ReLU was replaced or changed class"
+    for m in (conv, bn, relu):
+        if m is not None:
+            reason = hooks_reason(m)
+            if reason:
+                return reason
+    if global_hooks_registered():
+        return "global module hooks are registered"
+    bn_reason = bn_train_unfusable_reason if bn.training else bn_unfusable_reason
+    if not _own_flag(conv, "_fastres_chain_head"):
+        return f"{type(conv).__name__} is not fastres's chain conv"
+    return (conv_unfusable_reason(conv, type(conv))
+            or bn_reason(bn, conv.out_channels, (type(bn),)))
+
+
+def _own_flag(m: nn.Module, flag: str) -> bool:
+    """Whether m's exact class (not a base or a subclass) sets `flag`."""
+    return bool(type(m).__dict__.get(flag, False))
+
+
+def block_reason(block: nn.Module, train: bool, call: bool = False) -> Optional[str]:
+    """Why a fused block runs its own (unfused) forward whatever the input, for a call with
+    every BN in train mode (train=True) or in eval mode (None: it fuses). call: judge the
+    modules' current train/eval flags too (on a call; the fallback_reason properties describe
+    the modes). Reads the block's fastres state (`_fastres_*` entries, see fastres.nn.blocks)."""
+    d = block.__dict__
+    if "_fastres_caches" not in d:
+        return "made without fastres's set-up (e.g. by calling its class directly)"
+    reason = block_modules_reason(block, block._fastres_stages,
+                                  bn_train_unfusable_reason if train else bn_unfusable_reason)
+    if reason:
+        return reason
+    reason = submodule_hooks_reason(block)
+    if reason:
+        return reason
+    spec = d["_fastres_spec"]
+    if spec is not None:
+        # On a call the children's own flags decide; the properties assume the mode.
+        return known_forward_reason(block, spec, None if call else train)
+    probed = d["_fastres_probed"]
+    if probed is None:
+        return "its forward is neither known to fastres nor probed"
+    reason = structure_changed(block, probed[0]) or attributes_changed(block, probed[1])
+    if reason:
+        return reason
+    # A probed forward was checked with every module in one mode.
+    if call and any(m.training != train for m in block.modules()):
+        return f"not every submodule is in {'train' if train else 'eval'} mode (probed that way)"
+    if train:
+        return d["_fastres_train_probe_reason"]
     return None

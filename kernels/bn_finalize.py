@@ -10,22 +10,14 @@ For each channel (a program per block of channels):
   to new tensors
   scale = weight / sqrt(var + eps);  shift = bias - mean * scale
 It also writes mean and 1/sqrt(var + eps) for the backward pass.
+The host side (fastres/launch/bn.py) sizes the launch and reads the results.
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import INTERPRETED, STATS_CHUNK, round_to
-
-BLOCK_C = 64
-BLOCK_CHUNKS = 256 if INTERPRETED else 64
-
-# Allocator of the outputs (the tests swap in one that fills them with NaN).
-new_like = torch.empty_like
+from fastres.kernels.common import round_to
 
 
 @triton.jit
@@ -34,6 +26,12 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
                        invstd_ptr, eps, momentum,
                        CHUNK: tl.constexpr, HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+    """Arguments: stats_ptr fp32 (n_chunks, 2, K), per chunk of CHUNK output rows (the last
+    one short, M rows in all) the (mean, M2) the conv's STATS epilogue wrote. weight_ptr,
+    bias_ptr [HAS_AFFINE], rmean_ptr, rvar_ptr (running stats, read only) and new_rmean_ptr,
+    new_rvar_ptr (written) [UPDATE_RUNNING], nbt_ptr (num_batches_tracked, [CUMULATIVE]) are
+    (K,) or scalar tensors; scale_ptr, shift_ptr, mean_ptr, invstd_ptr are fp32 (K,) outputs.
+    momentum is the running-average factor unless CUMULATIVE. Grid: cdiv(K, BLOCK_C)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < K
     Mf = M.to(tl.float32)
@@ -84,37 +82,3 @@ def bn_finalize_kernel(stats_ptr, n_chunks, M, K, weight_ptr, bias_ptr, rmean_pt
     tl.store(shift_ptr + offs_c, shift, mask=mask_c)
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
-
-
-def bn_finalize(stats: torch.Tensor, M: int, weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], batches_tracked: Optional[torch.Tensor],
-                eps: float, momentum: Optional[float]) -> tuple:
-    """(scale, shift, mean, invstd, new_running_mean, new_running_var) from the STATS epilogue's
-    partials; the first four fp32 (K,), the last two in the running stats' dtype (None when
-    running_mean is None: a BN with track_running_stats=False updates nothing).
-
-    Functional (the running statistics are read, never written): the caller copies the new ones
-    in, which keeps the op that calls this free of mutation for torch.compile and autograd.
-    momentum=None is the cumulative average, 1 / (batches_tracked + 1), read on the device from
-    num_batches_tracked before this batch's increment (no host sync)."""
-    n_chunks, _, K = stats.shape
-    outs = [new_like(torch.empty(K, dtype=torch.float32, device=stats.device)) for _ in range(4)]
-    update = running_mean is not None
-    cumulative = update and momentum is None
-    if cumulative and batches_tracked is None:
-        raise ValueError("bn_finalize: momentum=None needs num_batches_tracked")
-    new_rm = new_like(running_mean) if update else None
-    new_rv = new_like(running_var) if update else None
-    affine = weight is not None
-    placeholder = outs[0]
-    bn_finalize_kernel[(triton.cdiv(K, BLOCK_C),)](
-        stats, n_chunks, M, K,
-        weight if affine else placeholder, bias if affine else placeholder,
-        running_mean if update else placeholder, running_var if update else placeholder,
-        batches_tracked if cumulative else placeholder,
-        new_rm if update else placeholder, new_rv if update else placeholder, *outs,
-        float(eps), float(momentum or 0.0),
-        CHUNK=STATS_CHUNK, HAS_AFFINE=affine, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-        BLOCK_C=BLOCK_C, BLOCK_CHUNKS=BLOCK_CHUNKS)
-    return tuple(outs) + (new_rm, new_rv)

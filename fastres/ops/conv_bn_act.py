@@ -3,12 +3,13 @@
 `conv_bn_act` computes  relu?( conv(x, weight) + bias + shortcut_conv(x2, weight2) + residual )
 with the BatchNorm already folded into `weight`/`bias` (see fastres.folding). Where it runs:
 
-* CUDA tensors: the Triton kernel in fastres.kernels.conv.
+* CUDA tensors: the Triton kernel (kernels/conv.py, launched by fastres.launch.conv).
 * CPU tensors with TRITON_INTERPRET=1 set before fastres was imported: the same Triton kernel
   through Triton's interpreter (this is how the test-suite checks the kernels without a GPU).
 * other CPU tensors: plain torch ops on the folded weights (a conv with bias, in-place add/ReLU):
   fewer ops than the unfused conv + BatchNorm + ReLU and, as measured (README, "Where it runs"),
   at parity with or slightly faster than the original model.
+* inside fastres.launch.target.compile_only() (compile-check): the Triton path, compiled only.
 
 `FASTRES_BACKEND=torch|triton` (read on every call) overrides the choice, for tests and debugging.
 The op is a `torch.library.custom_op` with a fake implementation, so `torch.compile(fullgraph=True)`
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from fastres.kernels import conv as conv_kernels
+from fastres.kernels.common import INTERPRETED
+from fastres.launch import alloc
+from fastres.launch import conv as conv_launch
+from fastres.launch.target import compiling_only
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_PRECISIONS = ("ieee", "tf32")
@@ -52,17 +56,36 @@ def get_fp32_precision() -> str:
 
 def backend_for(x: Tensor) -> str:
     """"triton" or "torch": which implementation runs for a tensor on x's device."""
+    if compiling_only():
+        return "triton"
     forced = os.environ.get("FASTRES_BACKEND", "").strip().lower()
     if forced in ("torch", "triton"):
-        if forced == "triton" and x.device.type == "cpu" and not conv_kernels.INTERPRETED:
+        if forced == "triton" and x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("FASTRES_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set "
                                "before fastres is imported")
         return forced
     if forced:
         raise ValueError(f"FASTRES_BACKEND must be 'torch' or 'triton', got {forced!r}")
-    if x.device.type == "cuda" or conv_kernels.INTERPRETED:
+    if x.device.type == "cuda" or INTERPRETED:
         return "triton"
     return "torch"
+
+
+def conv_padding(conv: torch.nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """The conv's padding as a pair, or None when it is not a symmetric zero padding."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
 
 
 def _pair(value: IntPair, name: str) -> List[int]:
@@ -81,7 +104,7 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -109,8 +132,8 @@ def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilatio
                          f"(grouped convolutions are not supported by the fused kernel)")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"fastres conv: bad stride {stride} / padding {padding} / dilation {dilation}")
-    P = _output_size(H, R, stride[0], padding[0], dilation[0])
-    Q = _output_size(W, S, stride[1], padding[1], dilation[1])
+    P = output_size(H, R, stride[0], padding[0], dilation[0])
+    Q = output_size(W, S, stride[1], padding[1], dilation[1])
     if P < 1 or Q < 1:
         raise ValueError(f"fastres conv: input {H}x{W} is too small for a {R}x{S} kernel with "
                          f"padding {padding} and dilation {dilation}")
@@ -135,8 +158,8 @@ def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilatio
                              f"got {tuple(weight2.shape)}")
         if min(stride2) < 1:
             raise ValueError(f"fastres conv: bad shortcut stride {stride2}")
-        P2 = _output_size(x2.shape[2], 1, stride2[0], 0, 1)
-        Q2 = _output_size(x2.shape[3], 1, stride2[1], 0, 1)
+        P2 = output_size(x2.shape[2], 1, stride2[0], 0, 1)
+        Q2 = output_size(x2.shape[3], 1, stride2[1], 0, 1)
         if (P2, Q2) != (P, Q):
             raise ValueError(f"fastres conv: shortcut output is {P2}x{Q2}, main output is {P}x{Q}")
     if fp32_precision not in _FP32_PRECISIONS:
@@ -144,8 +167,9 @@ def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilatio
     return N, K, P, Q
 
 
-def _empty_output(x: Tensor, shape) -> Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+def empty_output(x: Tensor, shape) -> Tensor:
+    """A fused conv's output of `shape`: x's dtype, device and memory format."""
+    return alloc.empty(shape, x, memory_format=output_memory_format(x))
 
 
 def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -155,12 +179,12 @@ def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                         dilation, shortcut_stride, fp32_precision)
     if backend_for(x) == "triton":
-        out = _empty_output(x, shape)
+        out = empty_output(x, shape)
         if out.numel() == 0:
             return out
-        return conv_kernels.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
-                                         out, stride, padding, dilation, shortcut_stride, relu,
-                                         fp32_precision)
+        return conv_launch.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
+                                        out, stride, padding, dilation, shortcut_stride, relu,
+                                        fp32_precision)
     out = torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride,
                             padding, dilation, shortcut_stride, relu)
     # The fake implementation promises the input's memory format; keep that promise.
@@ -247,7 +271,7 @@ def _conv_bn_act_fake(x, weight, bias, residual, shortcut_input, shortcut_weight
                       dilation, shortcut_stride, relu, fp32_precision):
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                         dilation, shortcut_stride, fp32_precision)
-    return _empty_output(x, shape)
+    return empty_output(x, shape)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = 1,
