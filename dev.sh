@@ -14,7 +14,7 @@ setup() {
         return
     fi
     local venv=.venv
-    local stamp="$venv/.deps-$(sha1sum requirements-dev.txt setup.py | sha1sum | cut -c1-12)"
+    local stamp="$venv/.deps-$(sha1sum requirements-dev.txt setup.py pyproject.toml | sha1sum | cut -c1-12)"
     if [ ! -f "$stamp" ]; then
         echo "[dev.sh] setting up $venv (first run: ~2 minutes)" >&2
         python3 -m venv "$venv"

@@ -17,10 +17,6 @@ from fastres.testing import poisoned_outputs as _poisoned  # noqa: E402
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"triton\..*")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running case; run with --runslow")
-
-
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 
