@@ -1,6 +1,7 @@
-"""README.md's code must work as written: every ```python block runs (in a fresh namespace, on
-this machine's device), and every command line in a ```bash block names something that exists
-(`python -m fastres ...` lines are parsed by the CLI's own parser, without running them)."""
+"""The README's and the docs' code must work as written: every ```python block runs (in a fresh
+namespace, on this machine's device), every command line in a ```bash block names something that
+exists (`python -m fastres ...` lines are parsed by the CLI's own parser, without running them),
+and every relative link points at a file (and heading) that exists."""
 import re
 import shlex
 from pathlib import Path
@@ -10,18 +11,27 @@ import pytest
 from fastres.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-PYTHON = [code for lang, code in BLOCKS if lang == "python"]
-BASH = [code for lang, code in BLOCKS if lang == "bash"]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 
-@pytest.mark.parametrize("code", PYTHON, ids=[f"python{i}" for i in range(len(PYTHON))])
-def test_python_block_runs(code, monkeypatch):
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _blocks(lang: str):
+    """(page, index, code) for every ```lang block of every page."""
+    for page in PAGES:
+        found = re.findall(r"```(\w+)\n(.*?)```", page.read_text(), flags=re.S)
+        for i, code in enumerate(code for block_lang, code in found if block_lang == lang):
+            yield pytest.param(page, code, id=f"{_name(page)}-{lang}{i}")
+
+
+@pytest.mark.parametrize("page, code", list(_blocks("python")))
+def test_python_block_runs(page, code, monkeypatch):
     # The folded torch path on the CPU: the README's models are full-size (the kernels
     # themselves are tested elsewhere; through the interpreter these would take minutes).
     monkeypatch.setenv("FASTRES_BACKEND", "torch")
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, _name(page), "exec"), {"__name__": "__readme__"})
 
 
 def _commands(block: str):
@@ -36,8 +46,8 @@ def _commands(block: str):
 OTHER_COMMANDS = {("pip", "install"), ("python", "-c"), ("python", "-m", "pytest")}
 
 
-@pytest.mark.parametrize("block", BASH, ids=[f"bash{i}" for i in range(len(BASH))])
-def test_bash_block_commands_exist(block):
+@pytest.mark.parametrize("page, block", list(_blocks("bash")))
+def test_bash_block_commands_exist(page, block):
     parser = build_parser()
     for argv in _commands(block):
         if argv[0].endswith("python") and argv[1:3] == ["-m", "fastres"]:
@@ -49,3 +59,23 @@ def test_bash_block_commands_exist(block):
         else:
             name = (Path(argv[0]).name,) + tuple(argv[1:3])
             assert any(name[:len(known)] == known for known in OTHER_COMMANDS), argv
+
+
+def _anchors(page: Path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # no headings in code
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_relative_links_resolve(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+://", target):
+            continue  # a web address: not checked offline
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.is_file(), f"{_name(page)}: {target} does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{_name(page)}: no heading for {target}"
