@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fastres.convert import block_kind
+from fastres.nn.anatomy import BLOCK_STAGES, block_kind
 
 MODEL_NAMES = ("resnet18", "resnet50")
 IMAGE = 224
@@ -171,7 +171,7 @@ def layer_cases(name: str, batch: int) -> List[LayerCase]:
             continue  # reduced into the block's last conv (the "shortcut" epilogue)
         parent = model.get_submodule(parent_path) if parent_path else model
         kind = block_kind(parent)
-        last = {"BasicBlock": "conv2", "Bottleneck": "conv3"}.get(kind)
+        last = BLOCK_STAGES[kind][-1] if kind else None
         _, C, H, W = conv_inputs[path]
         epilogue, C2, H2, stride2 = "relu", 0, 0, 1
         if leaf == last:
@@ -224,7 +224,7 @@ def block_flops_bytes(case: BlockCase, elem: int) -> Tuple[float, float]:
 def _block_layers(case: BlockCase) -> List[LayerCase]:
     block = build_block(case)
     kind = case.kind
-    names = ["conv1", "conv2"] + (["conv3"] if kind == "Bottleneck" else [])
+    names = BLOCK_STAGES[kind]
     layers, H, C = [], case.H, case.C
     for i, n in enumerate(names):
         conv = getattr(block, n)

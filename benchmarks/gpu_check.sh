@@ -33,7 +33,7 @@ export FASTRES_IN_GPU_CHECK=1  # tests/test_gpu_check.py would otherwise run thi
 # limits, and the benchmark gets whatever they left. A step that runs out is killed and the
 # next one runs.
 if [ "$mode" = "--smoke" ]; then
-    test_args=(tests/test_kernel.py -k "1x1_residual_norelu and fp32")
+    test_args=(tests/kernels/test_conv_kernel.py -k "1x1_residual_norelu and fp32")
     demo_args=(--model resnet18 --batch 1 --size 32 --iters 2 --no-interpreter-check)
     bench_args=(--level layer --providers eager_cl,fastres)
     limit_tests=120 limit_demo=60 budget=400

@@ -17,11 +17,11 @@ if not (_Path(__file__).parent / "kernels").is_dir() and \
         (_Path(__file__).parent.parent / "kernels" / "conv.py").is_file():
     __path__.append(str(_Path(__file__).parent.parent))
 
-from fastres.ops.conv_bn_act import conv_bn_act, get_fp32_precision, set_fp32_precision  # noqa: E402
+from fastres.convert import FusionReport, fusion_report, optimize, refresh, restore  # noqa: E402
+from fastres.nn.blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
 from fastres.nn.folding import fold_conv_bn  # noqa: E402
 from fastres.nn.modules import FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU  # noqa: E402
-from fastres.nn.blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
-from fastres.convert import FusionReport, fusion_report, optimize, refresh, restore  # noqa: E402
+from fastres.ops.conv_bn_act import conv_bn_act, get_fp32_precision, set_fp32_precision  # noqa: E402
 
 __version__ = "0.1.0"
 

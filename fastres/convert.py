@@ -23,12 +23,23 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres.nn.anatomy import (BLOCK_STAGES, block_kind, bn_train_unfusable_reason,
-                                bn_unfusable_reason, conv_unfusable_reason,
-                                global_hooks_registered, hooks_reason)
+from fastres.nn.anatomy import (
+    BLOCK_STAGES,
+    block_kind,
+    bn_train_unfusable_reason,
+    bn_unfusable_reason,
+    conv_unfusable_reason,
+    global_hooks_registered,
+    hooks_reason,
+)
 from fastres.nn.blocks import FusedBlockBase, fuse_block, unswap_block
-from fastres.nn.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
-                                unswap_chain_module)
+from fastres.nn.modules import (
+    FoldedBatchNorm2d,
+    FoldedReLU,
+    FusedConv2d,
+    FusedConvBNReLU,
+    unswap_chain_module,
+)
 
 _FASTRES_MODULES = (FusedBlockBase, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
 

@@ -2,10 +2,13 @@
 table itself is fastres.testing (the demo uses it too)."""
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fastres import FusedBasicBlock, FusedBottleneck
 from fastres.reference import randomize_batchnorms
 from fastres.testing import UNIT_ROUNDOFF, assert_close, tolerance  # noqa: F401 (re-exported)
 
@@ -59,7 +62,8 @@ def assert_as_accurate_as_eager(cases, dtype):
     for what, got, eager_got, want in cases:
         bound = max(4 * relative_error(eager_got, want), 2 * UNIT_ROUNDOFF[dtype])
         err = relative_error(got, want)
-        assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {relative_error(eager_got, want):.3g})"
+        eager_err = relative_error(eager_got, want)
+        assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {eager_err:.3g})"
 
 
 def assert_step_as_accurate_as_eager(models, outs, inputs, dtype, buffers: bool = True):
@@ -86,3 +90,39 @@ def torchvision_block(kind: str, downsample: bool, **bn_kwargs) -> nn.Module:
         return BasicBlock(12 if downsample else 20, 20, 2 if downsample else 1, ds, norm_layer=norm)
     ds = nn.Sequential(nn.Conv2d(24, 48, 1, 2, bias=False), norm(48)) if downsample else None
     return Bottleneck(24 if downsample else 48, 12, 2 if downsample else 1, ds, norm_layer=norm)
+
+
+# ---- shared by the training tests ---------------------------------------------------------------
+
+def fused(block: nn.Module) -> nn.Module:
+    """The fastres module wrapping a torchvision block (sharing its parameters and buffers)."""
+    cls = FusedBasicBlock if isinstance(block, BasicBlock) else FusedBottleneck
+    return cls.from_block(block)
+
+
+def assert_close_scaled(got, want, tol, what):
+    """|got - want| <= tol * (max|want| + 1): gradients of batch-normalised blocks have no
+    natural unit, so the bound is relative to the tensor's own scale."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    scale = want.abs().max().item() + 1.0
+    err = (got - want).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} x {scale:.3g}"
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(
+            BasicBlock(16, 16),
+            BasicBlock(16, 32, 2, nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

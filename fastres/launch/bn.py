@@ -11,8 +11,11 @@ import triton
 
 from fastres.kernels import bn_backward as bn_backward_kernels
 from fastres.kernels.bn_act import bn_act_kernel
-from fastres.kernels.bn_backward import (bn_backward_apply_kernel, bn_backward_finalize_kernel,
-                                         bn_backward_reduce_kernel)
+from fastres.kernels.bn_backward import (
+    bn_backward_apply_kernel,
+    bn_backward_finalize_kernel,
+    bn_backward_reduce_kernel,
+)
 from fastres.kernels.bn_finalize import bn_finalize_kernel
 from fastres.kernels.common import INTERPRETED
 from fastres.launch import alloc

@@ -22,13 +22,30 @@ import torch
 from torch import Tensor, nn
 
 from fastres import reference
-from fastres.nn.anatomy import (BLOCK_STAGES, KnownForward, attribute_snapshot, block_kind,
-                                block_modules_reason, block_pairs, block_reason,
-                                global_hooks_registered, known_forward, known_forward_reason,
-                                module_structure, probe_reason, submodule_hooks_reason)
+from fastres.nn.anatomy import (
+    BLOCK_STAGES,
+    KnownForward,
+    attribute_snapshot,
+    block_kind,
+    block_modules_reason,
+    block_pairs,
+    block_reason,
+    global_hooks_registered,
+    known_forward,
+    known_forward_reason,
+    module_structure,
+    probe_reason,
+    submodule_hooks_reason,
+)
 from fastres.nn.folding import FoldCache
-from fastres.nn.modules import (FoldedBatchNorm2d, FoldedReLU, FusedConv2d, FusedConvBNReLU,
-                                drop_fastres_state, script_error)
+from fastres.nn.modules import (
+    FoldedBatchNorm2d,
+    FoldedReLU,
+    FusedConv2d,
+    FusedConvBNReLU,
+    drop_fastres_state,
+    script_error,
+)
 from fastres.nn.plan import plan, run
 from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, run_train_op
 

@@ -41,8 +41,9 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
     The weight is cast to `dtype` (default: the conv weight's dtype) and laid out in
     `memory_format`: channels_last (each output channel's (r, s, c) filter contiguous, the order
     the Triton kernel reduces in) or preserve_format (the conv weight's own strides, so that the
-    CPU torch path runs exactly the convolution algorithm the original conv would). The bias is float32 (float64 for a float64 model); it is added in fp32 inside the
-    kernel's epilogue. affine=False BNs (no weight/bias) are handled.
+    CPU torch path runs exactly the convolution algorithm the original conv would). The bias is
+    float32 (float64 for a float64 model); it is added in fp32 inside the kernel's epilogue.
+    affine=False BNs (no weight/bias) are handled.
     """
     dtype = dtype or conv_weight.dtype
     math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32

@@ -22,8 +22,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastres.nn.anatomy import (bn_unfusable_reason, chain_reason, conv_unfusable_reason,
-                                hooks_reason, sequential_reason)
+from fastres.nn.anatomy import (
+    bn_unfusable_reason,
+    chain_reason,
+    conv_unfusable_reason,
+    hooks_reason,
+    sequential_reason,
+)
 from fastres.nn.folding import FoldCache
 from fastres.nn.plan import plan, run
 

@@ -29,12 +29,18 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from fastres.nn.anatomy import (block_pairs, block_reason, call_reason, chain_reason,
-                                input_reason, sequential_reason, train_kernels_run)
+from fastres.nn.anatomy import (
+    block_pairs,
+    block_reason,
+    call_reason,
+    chain_reason,
+    input_reason,
+    sequential_reason,
+    train_kernels_run,
+)
 from fastres.nn.folding import cached_fold, cached_fold_with_shortcut, invalidate_all
 from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, NO_SHORTCUT, run_train_op
-from fastres.ops.conv_bn_act import (conv_bn_act, conv_padding, execution_plan,
-                                     torch_conv_bn_act)
+from fastres.ops.conv_bn_act import conv_bn_act, conv_padding, execution_plan, torch_conv_bn_act
 
 UNFUSED, REFERENCE, FOLDED, TRAIN, FX_LEAF = "unfused", "reference", "folded", "train", "fx_leaf"
 

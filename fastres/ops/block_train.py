@@ -36,8 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastres.launch import conv as conv_launch
-from fastres.launch.bn import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, NO_MASK, BNGradInput, bn_act,
-                               bn_finalize, bn_relu_backward, same_layout)
+from fastres.launch.bn import (
+    MASK_FROM_AFFINE,
+    MASK_FROM_OUTPUT,
+    NO_MASK,
+    BNGradInput,
+    bn_act,
+    bn_finalize,
+    bn_relu_backward,
+    same_layout,
+)
 from fastres.ops import conv_bn_act as conv_op
 from fastres.ops.conv_bn_act import conv_padding
 

@@ -3,10 +3,10 @@ parameters are never modified."""
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 from fastres import FusedBasicBlock, FusedConvBNReLU, conv_bn_act
-from helpers import randomize_bn
 
 
 def _snapshot(module):
@@ -20,8 +20,10 @@ def _unchanged(module, snap):
 @pytest.mark.parametrize("make_args, error, match", [
     (lambda d: (torch.randn(8, 5, 5, device=d), torch.randn(4, 8, 3, 3, device=d)), ValueError, "4-D"),
     (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 8, 3, device=d)), ValueError, "weight must be 4-D"),
-    (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 8, 3, 3, device=d).half()), TypeError, "does not match weight dtype"),
-    (lambda d: (torch.randn(1, 8, 5, 5, device=d).double(), torch.randn(4, 8, 3, 3, device=d).double()), TypeError, "not supported"),
+    (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 8, 3, 3, device=d).half()),
+     TypeError, "does not match weight dtype"),
+    (lambda d: (torch.randn(1, 8, 5, 5, device=d).double(), torch.randn(4, 8, 3, 3, device=d).double()),
+     TypeError, "not supported"),
     (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 4, 3, 3, device=d)), ValueError, "grouped"),
     (lambda d: (torch.randn(1, 8, 2, 2, device=d), torch.randn(4, 8, 3, 3, device=d)), ValueError, "too small"),
 ])

@@ -2,11 +2,11 @@
 import copy
 
 import torch
+from helpers import assert_close, randomize_bn
 from torch import nn
 
 import fastres
 from fastres import FusedBasicBlock, FusedBottleneck
-from helpers import assert_close, randomize_bn
 
 
 def _small_resnet():
@@ -41,6 +41,7 @@ def test_compile_fullgraph_optimized_model(tmp_path, monkeypatch):
 def test_fake_impl_matches_real_output(tmp_path, monkeypatch):
     """The fake (meta) implementation promises the shape/dtype/strides the real one returns."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     from fastres.ops.conv_bn_act import _conv_bn_act
     args = lambda t: (t(2, 8, 7, 7).contiguous(memory_format=torch.channels_last),  # noqa: E731
                       t(16, 8, 3, 3), torch.zeros(16), None, None, None, [2, 2], [1, 1], [1, 1],

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("hypothesis")  # the GPU check machine has no hypothesis installed
-from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 from fastres import conv_bn_act  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,17 +66,19 @@ def test_fuzz_training_blocks(kind, downsample, N, planes, inplanes, H, W, strid
     output and the running statistics within 4x eager's error; the backward runs and writes
     every gradient element (the allocations are NaN-poisoned).
 
-    Gradient accuracy is compared on the block tests' sizes (tests/test_training_autograd.py,
+    Gradient accuracy is compared on the block tests' sizes (tests/nn/test_training_blocks.py,
     every dtype and format) and by gradcheck, not here: on tensors of a few dozen elements a
     single-run relative error is one rounding's luck (an inner ReLU's kink in fp16/bf16 moves
     one element by O(1); in fp32 three stages of backward put eager at 1e-7 on one seed and
     fastres at 5e-7, and the reverse on another), so a per-run bound there would be either
     loose or flaky."""
     import copy
+
+    from helpers import assert_as_accurate_as_eager, kink_free_grad, randomize_bn
     from torch import nn
     from torchvision.models.resnet import BasicBlock, Bottleneck
+
     from fastres import FusedBasicBlock, FusedBottleneck
-    from helpers import assert_as_accurate_as_eager, kink_free_grad, randomize_bn
 
     tv_cls = BasicBlock if kind == "basic" else Bottleneck
     out_ch = planes * tv_cls.expansion

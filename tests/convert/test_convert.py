@@ -6,12 +6,12 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import UNIT_ROUNDOFF, randomize_bn
 from torch import nn
 
 import fastres
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
 from fastres.launch import conv as conv_launch
-from helpers import UNIT_ROUNDOFF, randomize_bn
 
 USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
@@ -57,7 +57,7 @@ def test_torchvision_models_match_unconverted(name, blocks, kind, device):
 
 
 # bf16 is held to fp16's rule; it is slow-marked only for time (the interpreter takes 15-40 s per
-# resnet18 forward): its conv paths all run in test_kernel.py's bf16 cases by default.
+# resnet18 forward): its conv paths all run in tests/kernels/test_conv_kernel.py's bf16 cases by default.
 @pytest.mark.parametrize("dtype", [torch.float16,
                                    pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
                          ids=["fp16", "bf16"])

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
+from helpers import UNIT_ROUNDOFF, free_port, randomize_bn
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -22,8 +23,6 @@ import fastres.nn.blocks
 import fastres.nn.plan
 from fastres import FusedBasicBlock, FusedConv2d
 from fastres.launch import conv as conv_launch
-from helpers import UNIT_ROUNDOFF, randomize_bn
-from test_training_integration import _free_port
 
 
 class TinyNet(nn.Module):
@@ -224,7 +223,7 @@ def _ddp_worker(rank, world, port, out_dir):
 def test_ddp_broadcast_buffers_between_train_and_eval(tmp_path):
     """DDP broadcasts rank 0's BN buffers before each forward without bumping version counters;
     on rank 1 the fused model's eval outputs must still follow the unfused DDP model's."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         outs = torch.load(tmp_path / f"rank{rank}.pt")
         for original_out, fused_out in zip(outs[0::2], outs[1::2]):

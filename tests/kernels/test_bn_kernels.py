@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, to_format
 
 from fastres.launch import conv as conv_launch
 from fastres.reference import merge_chunk_stats
-from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, to_format
 
 # (N, C, H, W, K, R, stride, padding): channel-loop 3x3, flat 7x7 stem-like, 1x1 with several
 # channel blocks
@@ -150,7 +150,9 @@ def _finalize(stats, M, bn):
                          ids=["momentum", "cumulative", "no_running_stats", "no_affine"])
 def test_bn_finalize_matches_batchnorm_bookkeeping(bn_kwargs, device):
     import copy
+
     from torch import nn
+
     from fastres.reference import batch_norm_train_update
 
     K, M = 70, 1000  # several channel blocks; a short last chunk
@@ -210,8 +212,7 @@ BACKWARD_CASES = {
 def test_bn_relu_backward_matches_float64_autograd(name, grad_fmt, dtype, fmt, device):
     """dL/dy, dL/dgamma, dL/dbeta (and the second BN's, and the identity shortcut's masked
     gradient) against float64 autograd through batch-statistics BN + ReLU."""
-    from fastres.launch.bn import (MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput,
-                                   bn_relu_backward)
+    from fastres.launch.bn import MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
     N, C, H, W, mask, has_second, identity, affine = BACKWARD_CASES[name]
     eps, M = 1e-5, N * H * W
     ch = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
@@ -289,9 +290,7 @@ def test_bn_relu_backward_matches_float64_autograd(name, grad_fmt, dtype, fmt, d
 
 def _bf16_rounding_case(kernel, device):
     """(a bf16 result of one kernel, the exact value it rounds, in float64)."""
-    from fastres.launch.bn import bn_act
-    from fastres.launch.bn import MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
-    from fastres.launch.bn import bn_finalize
+    from fastres.launch.bn import MASK_FROM_OUTPUT, BNGradInput, bn_act, bn_finalize, bn_relu_backward
     bf, d = torch.bfloat16, torch.float64
     ch = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
     N, C, H, W = 2, 24, 9, 7

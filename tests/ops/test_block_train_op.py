@@ -2,21 +2,28 @@
 autocast (AMP), and DistributedDataParallel (gloo backend, 2 processes)."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import (
+    TinyResNet,
+    assert_close_scaled,
+    assert_step_as_accurate_as_eager,
+    free_port,
+    fused,
+    kink_free_grad,
+    randomize_bn,
+    relative_error,
+    torchvision_block,
+)
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fastres
 from fastres.launch import conv as conv_launch
 from fastres.nn.blocks import block_train
-from helpers import (assert_step_as_accurate_as_eager, kink_free_grad, randomize_bn,
-                     relative_error, torchvision_block)
-from test_training_autograd import _TinyResNet, _assert_close_scaled, fused
 
 USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
@@ -122,10 +129,7 @@ def test_autocast_eval_folds_into_the_autocast_dtype(kind, device):
 
 # ---- DistributedDataParallel -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -133,7 +137,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                             world_size=world)
     try:
         torch.manual_seed(0)  # the same initial weights on every rank
-        ref = _TinyResNet().train()
+        ref = TinyResNet().train()
         model = fastres.optimize(copy.deepcopy(ref))
         ddp_models = [nn.parallel.DistributedDataParallel(m) for m in (model, ref)]
         opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref)]
@@ -161,14 +165,14 @@ def test_distributed_data_parallel_gloo_two_processes(tmp_path):
     all-reduce like the unfused one's, so both ranks end with identical weights that track the
     unfused DDP model's."""
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for res in results:
         assert res["kernel_launches"] > 0 or not USES_KERNELS  # the fused blocks ran
         fused_losses, ref_losses = res["losses"]
         assert max(abs(a - b) for a, b in zip(fused_losses, ref_losses)) < 1e-3
         for name, value in res["fused"].items():
-            _assert_close_scaled(value.float(), res["ref"][name].float(), 1e-3, name)
+            assert_close_scaled(value.float(), res["ref"][name].float(), 1e-3, name)
     for name, value in results[0]["fused"].items():
         if "running" in name or "num_batches" in name:
             continue  # BN statistics are per-process (DDP broadcasts rank 0's before forwards)

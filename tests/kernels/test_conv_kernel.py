@@ -11,12 +11,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format, relative_error, to_format
 
 from fastres import conv_bn_act
 from fastres.launch import configs
 from fastres.launch import conv as conv_launch
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format,
-                     relative_error, to_format)
 
 # name: (N, C, H, W, K, (R, S), stride, padding, dilation, residual, shortcut (C2, stride2), relu)
 CASES = {

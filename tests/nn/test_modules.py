@@ -3,15 +3,26 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    FORMAT_IDS,
+    FORMATS,
+    UNIT_ROUNDOFF,
+    assert_close,
+    assert_step_as_accurate_as_eager,
+    conv_reduction,
+    is_format,
+    kink_free_grad,
+    randomize_bn,
+    to_format,
+)
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
 from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fastres.launch import conv as conv_launch
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_close,
-                     assert_step_as_accurate_as_eager, conv_reduction, is_format, kink_free_grad,
-                     randomize_bn, to_format)
 
 USES_KERNELS = conv_launch.INTERPRETED or torch.cuda.is_available()
 
@@ -122,7 +133,7 @@ def _train_pair(kind, device):
 def test_train_mode_runs_the_fused_training_op_by_default(kind, device):
     """Train mode goes through fastres::block_train (one stats-conv launch per conv) and matches
     torchvision's block: outputs, gradients, running statistics; then eval uses the new stats.
-    (Accuracy in every dtype and format: tests/test_training_autograd.py.)"""
+    (Accuracy in every dtype and format: tests/nn/test_training_blocks.py.)"""
     fused, tv, x = _train_pair(kind, device)
     assert fused.train_fallback_reason is None
     before = conv_launch.launch_count()
@@ -189,7 +200,7 @@ def test_conv_bn_relu_state_dict_matches_torchvision_conv_norm_activation():
 
 def test_unbatched_input_is_refused_like_torchvision(device):
     """A 3-D (C, H, W) input: nn.Conv2d would take it, nn.BatchNorm2d does not; the fused block
-    raises torchvision's error (see also tests/test_dropin.py)."""
+    raises torchvision's error (see also tests/nn/test_dropin.py)."""
     m = randomize_bn(FusedBasicBlock(16, 16)).eval().to(device)
     x = torch.randn(16, 7, 7, device=device)
     with pytest.raises(ValueError, match="expected 4D input"):

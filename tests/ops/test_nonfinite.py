@@ -23,6 +23,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    FORMAT_IDS,
+    FORMATS,
+    UNIT_ROUNDOFF,
+    assert_as_accurate_as_eager,
+    assert_close,
+    randomize_bn,
+    to_format,
+    torchvision_block,
+)
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -31,8 +43,6 @@ from fastres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 from fastres.launch import conv as conv_launch
 from fastres.launch.bn import MASK_FROM_AFFINE, MASK_FROM_OUTPUT, BNGradInput, bn_relu_backward
 from fastres.ops import block_train as training_op
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, assert_close,
-                     assert_as_accurate_as_eager, randomize_bn, to_format, torchvision_block)
 
 # The interpreter computes with numpy, which warns wherever NaN is made (inf - inf, inf * 0).
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -291,7 +301,7 @@ def test_bn_relu_backward_keeps_nan_and_inf(case, dtype, fmt, impl, device):
     M = grad.numel() // grad.shape[1]
     assert _has_both(refs[0]) and _has_both(refs[1])
     assert_same_nonfinite(dy, refs[0], "dy", dtype, 3)
-    # fp32 sums of M unit-scale terms, compared divided by sqrt(M) (as test_training_kernels)
+    # fp32 sums of M unit-scale terms, compared divided by sqrt(M) (as tests/kernels/test_bn_kernels.py)
     assert_same_nonfinite(dgamma / math.sqrt(M), refs[1] / math.sqrt(M), "dgamma", torch.float32, M)
     assert_same_nonfinite(dbeta / math.sqrt(M), refs[2] / math.sqrt(M), "dbeta", torch.float32, M)
     if case == "output":

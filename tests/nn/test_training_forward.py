@@ -4,12 +4,20 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    FORMAT_IDS,
+    FORMATS,
+    UNIT_ROUNDOFF,
+    randomize_bn,
+    to_format,
+    torchvision_block,
+)
 
 from fastres import reference
 from fastres.launch.bn import bn_act
 from fastres.nn.blocks import block_train_forward
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF, randomize_bn, to_format,
-                     torchvision_block)
 
 
 def _formula(kind):

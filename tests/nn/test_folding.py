@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, randomize_bn
 from torch import nn
 
 import fastres
 from fastres import FusedBottleneck, FusedConvBNReLU, fold_conv_bn, reference
-from helpers import assert_close, randomize_bn
 
 
 @pytest.mark.parametrize("conv_bias", [False, True])

@@ -5,30 +5,25 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    FORMAT_IDS,
+    FORMATS,
+    UNIT_ROUNDOFF,
+    TinyResNet,
+    assert_close_scaled,
+    assert_step_as_accurate_as_eager,
+    fused,
+    kink_free_grad,
+    randomize_bn,
+    to_format,
+    torchvision_block,
+)
+from torch import nn
 
 import fastres
-from torch import nn
-from torchvision.models.resnet import BasicBlock
-
-from fastres import FusedBasicBlock, FusedBottleneck, FusedConv2d
-from helpers import (DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, UNIT_ROUNDOFF,
-                     assert_step_as_accurate_as_eager, kink_free_grad, randomize_bn, to_format,
-                     torchvision_block)
-
-
-def fused(block: nn.Module) -> nn.Module:
-    """The fastres module wrapping a torchvision block (sharing its parameters and buffers)."""
-    cls = FusedBasicBlock if isinstance(block, BasicBlock) else FusedBottleneck
-    return cls.from_block(block)
-
-
-def _assert_close_scaled(got, want, tol, what):
-    """|got - want| <= tol * (max|want| + 1): gradients of batch-normalised blocks have no
-    natural unit, so the bound is relative to the tensor's own scale."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    scale = want.abs().max().item() + 1.0
-    err = (got - want).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} x {scale:.3g}"
+from fastres import FusedBasicBlock, FusedConv2d
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
@@ -65,6 +60,7 @@ def test_conv_bn_relu_chain_trains_fused(name, dtype, fmt, device):
     """FusedConvBNReLU in train mode runs the training op (one conv -> BN -> ReLU stage) and is
     as accurate as eager's Conv2d + BatchNorm2d + ReLU: output, gradients, running stats."""
     from torchvision.ops.misc import Conv2dNormActivation
+
     from fastres import FusedConvBNReLU
     C, K, R, stride, padding, relu = CHAINS[name]
     seq = randomize_bn(Conv2dNormActivation(C, K, R, stride, padding,
@@ -93,14 +89,14 @@ def test_strided_view_input(kind, device):
     base = torch.randn(3, block.conv1.in_channels, 7, 13, device=device)
     x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
     out, want = fused(block)(x[..., ::2]), ref(x_ref[..., ::2])
-    _assert_close_scaled(out, want, 32 * UNIT_ROUNDOFF[torch.float32], "output")
+    assert_close_scaled(out, want, 32 * UNIT_ROUNDOFF[torch.float32], "output")
     out.square().sum().backward()
     want.square().sum().backward()
-    _assert_close_scaled(x.grad, x_ref.grad, 32 * UNIT_ROUNDOFF[torch.float32], "input grad")
+    assert_close_scaled(x.grad, x_ref.grad, 32 * UNIT_ROUNDOFF[torch.float32], "input grad")
     for (name, p), q in zip(block.named_parameters(), ref.parameters()):
-        _assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
+        assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
     for (name, b), c in zip(block.named_buffers(), ref.buffers()):
-        _assert_close_scaled(b, c, 32 * UNIT_ROUNDOFF[torch.float32], name)
+        assert_close_scaled(b, c, 32 * UNIT_ROUNDOFF[torch.float32], name)
 
 
 def test_gradient_accumulation(device):
@@ -111,26 +107,16 @@ def test_gradient_accumulation(device):
         fused(block)(x).square().mean().backward()
         ref(x).square().mean().backward()
     for (name, p), q in zip(block.named_parameters(), ref.parameters()):
-        _assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
+        assert_close_scaled(p.grad, q.grad, 32 * UNIT_ROUNDOFF[torch.float32], name)
 
 
-class _TinyResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.blocks = nn.Sequential(
-            BasicBlock(16, 16),
-            BasicBlock(16, 32, 2, nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))))
-        self.head = nn.Linear(32, 4)
 
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 def test_tiny_resnet_trains_like_the_reference(device):
     """30 SGD steps on synthetic data: losses and weights track the unfused model."""
     torch.manual_seed(0)
-    ref = _TinyResNet().to(device).train()
+    ref = TinyResNet().to(device).train()
     model = fastres.optimize(copy.deepcopy(ref))
     assert all(isinstance(b, FusedBasicBlock) for b in model.blocks)
     assert isinstance(model.stem[0], FusedConv2d)  # the stem trains fused too
@@ -151,14 +137,14 @@ def test_tiny_resnet_trains_like_the_reference(device):
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-3, (losses, ref_losses)
     assert losses[-1] < losses[0]  # it does learn
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        _assert_close_scaled(p, q, 1e-3, name)
+        assert_close_scaled(p, q, 1e-3, name)
 
 
 def test_without_kernels_a_whole_model_trains_exactly_like_eager(device, monkeypatch):
     """Where the kernels do not run (the CPU torch path), an optimized model in train mode is
     the original model, bit for bit: outputs, gradients, running statistics."""
     monkeypatch.setenv("FASTRES_BACKEND", "torch")
-    ref = _TinyResNet().to(device).train()
+    ref = TinyResNet().to(device).train()
     model = fastres.optimize(copy.deepcopy(ref))
     assert isinstance(model.stem[0], FusedConv2d)
     x = torch.randn(4, 3, 8, 8, device=device)
