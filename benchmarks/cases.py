@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fastres.convert import block_kind
+from fastres.nn.anatomy import block_kind
 
 MODEL_NAMES = ("resnet18", "resnet50")
 IMAGE = 224
