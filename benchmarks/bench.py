@@ -9,7 +9,8 @@ exceeds the measured time) - and writes to the output folder:
   results.json  the table rows, with device, versions and commit
   results.csv   the same rows
   speedup.png   fastres speedup per case and roofline fraction (needs matplotlib)
-Needs a source checkout (the suites live in benchmarks/, which is not installed).
+A checkout-only tool: the suites live beside it in benchmarks/, which is not installed, and
+`python -m fastres bench` loads this file from the source checkout.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
 LEVEL_FILES = {"layer": "test_layers.py", "block": "test_blocks.py", "model": "test_models.py",
                "train": "test_train.py"}
 PROVIDER_ORDER = ("eager_nchw", "eager_cl", "eager_folded", "compile", "compile_max_autotune", "fastres")
@@ -82,7 +83,7 @@ class _Progress:
 def run_suites(out: Path, levels: List[str], extra_args: List[str]) -> int:
     import pytest
 
-    files = [str(ROOT / "benchmarks" / LEVEL_FILES[level]) for level in levels]
+    files = [str(BENCHMARKS / LEVEL_FILES[level]) for level in levels]
     args = files + ["-q", "-p", "no:cacheprovider", "--benchmark-disable-gc",
                     f"--benchmark-json={out / 'raw.json'}", "--benchmark-columns=median",
                     "-o", "console_output_style=classic"] + extra_args
@@ -188,7 +189,7 @@ def plot(rows: List[Dict], path: Path) -> Optional[str]:
 def environment() -> dict:
     import triton
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -198,10 +199,6 @@ def environment() -> dict:
 
 
 def run(out: Path, levels: List[str], extra_args: List[str]) -> int:
-    if not (ROOT / "benchmarks" / "conftest.py").is_file():
-        print(f"bench: the suites live in a source checkout's benchmarks/ folder, not found next to "
-              f"this fastres ({ROOT}); run it from a checkout (pip install -e .)")
-        return 2
     out.mkdir(parents=True, exist_ok=True)
     code = run_suites(out, levels, extra_args)
     raw_path = out / "raw.json"

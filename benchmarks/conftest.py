@@ -26,7 +26,7 @@ from cases import rotation_sets  # noqa: E402
 from bench_config import DTYPES, H100_L2_BYTES, ON_GPU  # noqa: E402
 
 from fastres import get_fp32_precision  # noqa: E402
-from fastres.bench import roofline  # noqa: E402
+from bench import roofline  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -80,7 +80,7 @@ def peaks():
     CI machine (torch 2.14.1) a 1024^3 fp32 matmul timed this way ran at 0.13 TFLOP/s while
     oneDNN's 3x3 convolutions reached 0.15 in the same run (roofline fractions of 104-120%), a
     matmul's rate swung 2x with the load of the shared machine, and the CPU cases' inputs sit in
-    cache, not behind the DRAM bandwidth a copy measures (fastres.bench.roofline: n/a)."""
+    cache, not behind the DRAM bandwidth a copy measures (bench.roofline: n/a)."""
     if not ON_GPU:
         return None
     result = {}

@@ -2,8 +2,8 @@
 
 For torchvision resnet18 and resnet50 (batch 1, 3x224x224, float32, channels_last), and for each
 distinct block configuration in them, it traces one forward of the original and of the
-fastres-optimized module (fastres.perf.trace_ops: ops that do work and the bytes each reads and
-writes) and compares the numbers with the committed expectations in
+fastres-optimized module (fastres.tools.optrace.trace_ops: ops that do work and the bytes each
+reads and writes) and compares the numbers with the committed expectations in
 benchmarks/baselines/cpu_gate.json. A change that unfuses something (more launches) or adds
 traffic (more bytes) fails; so does one that improves them, until the new numbers are blessed
 (`python -m fastres gate --bless`), which records the change in git.
@@ -11,6 +11,8 @@ traffic (more bytes) fails; so does one that improves them, until the new number
 Totals depend on how the installed torch decomposes its own ops (batch_norm, max_pool, ...), so
 they are compared only under the torch version that blessed the file; fastres's own ops
 (fastres_launches, fastres_bytes) are compared under any version.
+
+A checkout-only tool: `python -m fastres gate` loads this file from the source checkout.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 import fastres
-from fastres.convert import block_kind
-from fastres.perf import OpTrace, trace_ops
+from fastres.nn.anatomy import block_kind
+from fastres.tools.optrace import OpTrace, trace_ops
 
-DEFAULT_EXPECTED = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "cpu_gate.json"
+BASELINES = Path(__file__).resolve().parent / "baselines"
+DEFAULT_EXPECTED = BASELINES / "cpu_gate.json"
 MODELS = ("resnet18", "resnet50")
 CONFIG = dict(batch=1, size=224, dtype="float32", memory_format="channels_last")
 FUSED_OP = "fastres.conv_bn_act"
@@ -66,7 +69,11 @@ def measure() -> dict:
 
 
 def _measure() -> dict:
-    import torchvision  # only the gate and the demo need it
+    try:
+        import torchvision  # the gate's models; fastres itself never needs it
+    except ImportError as missing:
+        raise ImportError("the gate measures torchvision's resnet18 and resnet50: "
+                          "pip install torchvision") from missing
 
     result = {"config": dict(CONFIG, torch=torch.__version__.split("+")[0]), "models": {},
               "blocks": {}}
@@ -169,7 +176,6 @@ def run(expected_path: Optional[Path] = None, bless: bool = False) -> int:
 # GPU runs (benchmarks/results/) and change DEFAULT_THRESHOLD with that evidence.
 
 DEFAULT_THRESHOLD = 0.10
-BASELINES = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines"
 
 
 def baseline_path_for(device_name: str) -> Path:

@@ -27,7 +27,7 @@ out="$(cd "$out" && pwd)"
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
-export FASTRES_IN_GPU_CHECK=1  # tests/test_gpu_check.py would otherwise run this script again
+export FASTRES_IN_GPU_CHECK=1  # tests/tools/test_gpu_check.py would otherwise run this script again
 
 # The whole check stays under 8 minutes (budget 470 s): the tests, demo and gate have their own
 # limits, and the benchmark gets whatever they left. A step that runs out is killed and the

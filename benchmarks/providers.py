@@ -23,9 +23,9 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
 
 import fastres
-from fastres.folding import fold_modules
-from fastres.modules import FusedBasicBlock, FusedBottleneck
-from fastres.ops import execution_plan
+from fastres import FusedBasicBlock, FusedBottleneck
+from fastres.nn.folding import fold_modules
+from fastres.ops.conv_bn_act import execution_plan
 
 PROVIDERS = ("eager_nchw", "eager_cl", "eager_folded", "compile", "compile_max_autotune", "fastres")
 TRAIN_PROVIDERS = ("eager_nchw", "eager_cl", "compile", "fastres")

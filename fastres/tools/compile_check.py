@@ -6,10 +6,11 @@ Triton's JIT is handed a driver that reports the target GPU (sm_90, the H100, by
 launches nothing, and every `kernel[grid](...)` call is turned into a warm-up: it compiles, down
 to a cubin with Triton's bundled ptxas, exactly the specialization a real launch with those
 arguments would (signature, constexpr options, config), then returns. fastres's own code paths
-then run on small CPU tensors with the backend forced to "triton": eval-mode blocks, the stem,
-and training steps (forward and backward), in each dtype and memory format, plus every config of
-kernels/conv_configs.json for its problem class. Nothing executes, so the numbers those paths
-produce are meaningless; only the compilation is checked, and each kernel's shared memory
+then run on small CPU tensors inside fastres.launch.target.compile_only(), where they take the
+Triton path and the first candidate config, untimed: eval-mode blocks, the stem, and training
+steps (forward and backward), in each dtype and memory format, plus every config of
+fastres/launch/conv_configs.json for its problem class. Nothing executes, so the numbers those
+paths produce are meaningless; only the compilation is checked, and each kernel's shared memory
 against the target's per-block limit.
 
 It catches what Triton's interpreter cannot: tl.dot's shape and dtype rules, constexpr and type
@@ -20,7 +21,6 @@ speed - those need the GPU.
 from __future__ import annotations
 
 import contextlib
-import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
@@ -28,8 +28,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-# Shared memory a block may use (the opt-in maximum), by compute capability.
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+from fastres.kernels.common import INTERPRETED
+from fastres.launch import configs
+from fastres.launch.conv import fused_conv2d, stats_chunks
+from fastres.launch.target import Target, compile_only
 
 
 @dataclass
@@ -44,7 +46,7 @@ class CompileReport:
 
     @property
     def limit(self) -> int:
-        return SHARED_MEMORY_LIMIT.get(self.arch, SHARED_MEMORY_LIMIT[90])
+        return Target.for_arch(self.arch).shared_memory_limit
 
     def record(self, name: str, key: str, shared: int) -> None:
         self.kernels.setdefault(name, {})[key] = shared
@@ -75,15 +77,14 @@ class CompileReport:
 
 
 @contextlib.contextmanager
-def _compile_only(arch: int, report: CompileReport):
-    """Triton compiles for GPUTarget("cuda", arch) and launches nothing; fastres takes its
-    Triton paths for CPU tensors; FASTRES_AUTOTUNE=0 (autotuning would have to time launches)."""
+def _compile_only(target: Target, report: CompileReport):
+    """Triton compiles for GPUTarget("cuda", target.arch) and launches nothing, each compiled
+    kernel recorded in the report; fastres's compile_only(target) scope makes the ops take their
+    Triton paths for CPU tensors and choose configs for the target, untimed."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
-
-    from fastres import modules, ops
 
     class CompileOnlyDriver(CudaDriver):
         def __init__(self):  # no CUDA library to load
@@ -96,7 +97,7 @@ def _compile_only(arch: int, report: CompileReport):
             return 0
 
         def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
+            return GPUTarget("cuda", target.arch, 32)
 
     real_run = JITFunction.run
 
@@ -105,27 +106,15 @@ def _compile_only(arch: int, report: CompileReport):
         report.record(self.__name__, kernel.hash, kernel.metadata.shared)
         return kernel
 
-    from fastres.kernels import conv as conv_kernels
-
-    saved = (ops.backend_for, modules.backend_for, os.environ.get("FASTRES_AUTOTUNE"),
-             list(conv_kernels._shared_limit))
-    conv_kernels._shared_limit[:] = [report.limit]  # the prune judges configs for the target
     previous_driver = driver._active  # None until first used (reset_active() would need a GPU)
     driver.set_active(CompileOnlyDriver())
     JITFunction.run = compile_without_launch
-    ops.backend_for = modules.backend_for = lambda x: "triton"
-    os.environ["FASTRES_AUTOTUNE"] = "0"
     try:
-        yield
+        with compile_only(target):
+            yield
     finally:
         JITFunction.run = real_run
         driver._active = previous_driver
-        ops.backend_for, modules.backend_for = saved[:2]
-        conv_kernels._shared_limit[:] = saved[3]
-        if saved[2] is None:
-            del os.environ["FASTRES_AUTOTUNE"]
-        else:
-            os.environ["FASTRES_AUTOTUNE"] = saved[2]
 
 
 def _blocks() -> List[Tuple[str, Callable[[], nn.Module], int]]:
@@ -185,31 +174,30 @@ def _model_scenarios(dtypes, formats) -> List[Scenario]:
 
 def _config_scenarios(dtypes) -> List[Scenario]:
     """Every curated conv config on a problem of its class, with and without the statistics
-    epilogue (which needs BLOCK_M % 64 == 0) and the BN prologue."""
-    from fastres.kernels import conv as conv_kernels
+    epilogue (which needs BLOCK_M % STATS_CHUNK == 0) and the BN prologue."""
     problems = {"stem": (3, 7, 3, False), "small_m": (64, 1, 0, True),
                 "pointwise": (64, 1, 0, False), "spatial": (64, 3, 1, False)}
     scenarios = []
-    for entry in conv_kernels.load_config_table()["classes"]:
+    for entry in configs.load_config_table()["classes"]:
         C, R, pad, small = problems[entry["name"]]
         for cfg in entry["configs"]:
-            meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-            meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             for dtype in dtypes:
                 for training in (False, True):
-                    if training and cfg["BLOCK_M"] % conv_kernels.STATS_CHUNK:
+                    if training and cfg["BLOCK_M"] % configs.STATS_CHUNK:
                         continue
-                    label = f"conv config {entry['name']} {meta} {dtype}" + (" stats+prologue" if training else "")
-                    scenarios.append((label, _config_run(conv_kernels, meta, C, R, pad, small,
-                                                         dtype, training, label)))
+                    label = (f"conv config {entry['name']} {configs.launch_meta(cfg)} {dtype}"
+                             + (" stats+prologue" if training else ""))
+                    scenarios.append((label, _config_run(cfg, C, R, pad, small, dtype, training,
+                                                         label)))
     return scenarios
 
 
-def _config_run(conv_kernels, meta, C, R, pad, small, dtype, training, label):
+def _config_run(cfg, C, R, pad, small, dtype, training, label):
     def run(report: CompileReport):
         elem = torch.empty((), dtype=dtype).element_size()
-        if not conv_kernels.fits_shared_memory(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"],
-                                               meta["num_stages"], elem, training):
+        # The target is compile_only()'s, which the scenarios run in.
+        if not configs.fits_shared_memory(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+                                          cfg["num_stages"], elem, training):
             report.pruned.append(label)
             return
         N, H = (1, 8) if small else (4, 16)
@@ -218,29 +206,22 @@ def _config_run(conv_kernels, meta, C, R, pad, small, dtype, training, label):
         out = torch.empty(N, 64, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
         kwargs = {}
         if training:
-            kwargs = dict(stats=torch.empty(conv_kernels.stats_chunks(N * H * H), 2, 64),
+            kwargs = dict(stats=torch.empty(stats_chunks(N * H * H), 2, 64),
                           prologue=(torch.ones(C), torch.zeros(C)))
-        real = conv_kernels._kernel_and_meta
-        conv_kernels._kernel_and_meta = lambda *a, **k: (conv_kernels.fused_conv2d_kernel, dict(meta))
-        try:
-            conv_kernels.fused_conv2d(x, w, None if training else torch.zeros(64), None, None, None,
-                                      out, (1, 1), (pad, pad), (1, 1), (1, 1), not training,
-                                      "tf32", **kwargs)
-        finally:
-            conv_kernels._kernel_and_meta = real
+        fused_conv2d(x, w, None if training else torch.zeros(64), None, None, None, out, (1, 1),
+                     (pad, pad), (1, 1), (1, 1), not training, "tf32", config=cfg, **kwargs)
     return run
 
 
 def run(arch: int = 90, quick: bool = False) -> CompileReport:
-    from fastres.kernels import conv as conv_kernels
-    if conv_kernels.INTERPRETED:
+    if INTERPRETED:
         raise RuntimeError("compile-check needs the real Triton JIT: unset TRITON_INTERPRET before "
                            "fastres is imported")
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     formats = [torch.channels_last] if quick else [torch.channels_last, torch.contiguous_format]
     report = CompileReport(arch)
     scenarios = _model_scenarios(dtypes, formats) + _config_scenarios(dtypes)
-    with _compile_only(arch, report):
+    with _compile_only(Target.for_arch(arch), report):
         for label, scenario in scenarios:
             report.scenarios += 1
             report.current = label

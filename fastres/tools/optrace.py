@@ -10,7 +10,7 @@ CPU's stand-in for a kernel launch - with the bytes it reads and writes:
   * bytes read = every distinct tensor argument once; bytes written = every output (for an
     in-place op, the rewritten argument). This is the minimum traffic of each op taken alone:
     exactly the quantity fusion reduces, and independent of caches and timing.
-The perf-regression gate (fastres.gate) compares these numbers with committed expectations, so a
+The perf-regression gate (benchmarks/gate.py) compares these numbers with committed expectations, so a
 change that unfuses something or adds traffic fails CI on a CPU.
 """
 from __future__ import annotations

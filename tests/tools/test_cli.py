@@ -1,4 +1,4 @@
-"""`python -m fastres demo`, called in-process through fastres.cli.main.
+"""`python -m fastres demo`, called in-process through fastres.tools.cli.main.
 
 Under conftest.py a CPU-only process runs the fused op through Triton's interpreter, at ~10 s per
 resnet18 forward whatever the image size; the demo runs each model 3+ times. So the in-process
@@ -8,12 +8,14 @@ checked by the demo's own interpreter subprocess (test_demo_interpreter_check), 
 FASTRES_BACKEND.
 """
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fastres
-from fastres import cli
+from fastres.tools import cli, demo
 
 TINY = ["demo", "--model", "resnet18", "--batch", "1", "--size", "32", "--iters", "1"]
 PASS = "demo: PASS (the checks above; speed is not a pass criterion)"
@@ -52,7 +54,7 @@ def test_demo(torch_path, capsys):
 
 
 def test_demo_fails_when_the_check_fails(torch_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "tolerance", lambda dtype, device: -1.0)
+    monkeypatch.setattr(demo, "model_tolerance", lambda dtype, device: -1.0)
     assert cli.main(TINY + ["--no-interpreter-check"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"max rel error .*FAIL", out)
@@ -72,38 +74,38 @@ def test_demo_interpreter_check(torch_path, capsys):
 
 
 def _spread(original_ms, fastres_ms):
-    return cli.Spread.of([b / f for b, f in zip(original_ms, fastres_ms)])
+    return demo.Spread.of([b / f for b, f in zip(original_ms, fastres_ms)])
 
 
 def test_speed_verdict_claims_only_outside_the_noise():
     """Synthetic per-iteration timings (ms) of five interleaved forwards."""
     original = [10.0, 10.2, 9.9, 10.1, 10.0]
-    assert cli.speed_verdict(_spread(original, [8.0, 8.1, 7.9, 8.0, 8.2])) == "fastres faster"
-    assert cli.speed_verdict(_spread(original, [12.0, 12.1, 11.9, 12.3, 12.0])) == "fastres slower"
+    assert demo.speed_verdict(_spread(original, [8.0, 8.1, 7.9, 8.0, 8.2])) == "fastres faster"
+    assert demo.speed_verdict(_spread(original, [12.0, 12.1, 11.9, 12.3, 12.0])) == "fastres slower"
     # Medians 10.5 vs 9.8 (1.07x), but the per-iteration ratios' quartiles, 0.96 and 1.07,
     # straddle 1: the difference is inside the noise.
     noisy = _spread([10.0, 12.0, 9.0, 11.0, 10.5], [9.5, 12.5, 8.0, 11.5, 9.8])
     assert (noisy.q1, noisy.q3) == (pytest.approx(0.96), pytest.approx(1.0714, abs=1e-4))
-    assert cli.speed_verdict(noisy) == "within noise: no speedup or slowdown claimed"
+    assert demo.speed_verdict(noisy) == "within noise: no speedup or slowdown claimed"
     # A quartile exactly at 1 is still inside.
-    assert cli.speed_verdict(cli.Spread(1.1, 1.0, 1.2)) == \
+    assert demo.speed_verdict(demo.Spread(1.1, 1.0, 1.2)) == \
         "within noise: no speedup or slowdown claimed"
-    assert cli.speed_verdict(_spread([10.0], [5.0])) == \
+    assert demo.speed_verdict(_spread([10.0], [5.0])) == \
         "one iteration has no spread: no speed claim"
 
 
 def test_spread_is_median_and_interquartile_range():
-    spread = cli.Spread.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    spread = demo.Spread.of([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (spread.median, spread.q1, spread.q3) == (3.0, 2.0, 4.0)
     assert spread.format(" ms/iter", 2) == "3.00 ms/iter [IQR 2.00 - 4.00]"
-    assert cli.Spread.of([7.0]) == cli.Spread(7.0, None, None)
+    assert demo.Spread.of([7.0]) == demo.Spread(7.0, None, None)
 
 
 def test_demo_does_not_claim_a_speedup_inside_the_noise(torch_path, capsys, monkeypatch):
     """The timings of the noisy case above, as the demo's interleaved timer's result: the
     medians alone would read as a 1.07x speedup."""
     times = [[10.0, 12.0, 9.0, 11.0, 10.5], [9.5, 12.5, 8.0, 11.5, 9.8]]
-    monkeypatch.setattr(cli, "interleaved_times_ms", lambda fns, device, iters: times)
+    monkeypatch.setattr(demo, "interleaved_times_ms", lambda fns, device, iters: times)
     assert cli.main(TINY[:-1] + ["5", "--no-interpreter-check"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"original\s+10\.50 ms/iter \[IQR 10\.00 - 11\.00\]", out)
@@ -121,8 +123,8 @@ def test_fused_op_counts_as_one_launch(torch_path):
     w = torch.randn(8, 8, 3, 3)
     b = torch.randn(8)
     cpu = torch.device("cpu")
-    fused = cli.count_launches(lambda: fastres.conv_bn_act(x, w, b, padding=1, residual=x), cpu)
-    unfused = cli.count_launches(
+    fused = demo.count_launches(lambda: fastres.conv_bn_act(x, w, b, padding=1, residual=x), cpu)
+    unfused = demo.count_launches(
         lambda: torch.relu_(torch.conv2d(x, w, b, padding=1).add_(x)), cpu)
     assert (fused, unfused) == (1, 3)
 
@@ -130,12 +132,51 @@ def test_fused_op_counts_as_one_launch(torch_path):
 def test_views_are_not_counted():
     x = torch.randn(4, 6)
     cpu = torch.device("cpu")
-    assert cli.count_launches(lambda: x.view(24).unsqueeze(0).expand(3, 24).select(0, 1), cpu) == 0
-    assert cli.count_launches(lambda: x.t().reshape(24), cpu) == 1  # a reshape that copies
+    assert demo.count_launches(lambda: x.view(24).unsqueeze(0).expand(3, 24).select(0, 1), cpu) == 0
+    assert demo.count_launches(lambda: x.t().reshape(24), cpu) == 1  # a reshape that copies
 
 
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
-    assert "{demo,bench,gate}" in capsys.readouterr().err
+    assert "{demo,bench,gate,compile-check}" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_without_importing_torchvision():
+    """--help runs in a fresh Python, whose modules show what building the parser imported."""
+    code = ("import sys\n"
+            "from fastres.tools import cli\n"
+            "print(cli.build_parser().format_help())\n"
+            "print('torchvision imported:', 'torchvision' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "{demo,bench,gate,compile-check}" in run.stdout
+    assert "demo-interpret" not in run.stdout
+    assert "torchvision imported: False" in run.stdout
+
+
+def test_unknown_model_lists_the_valid_ones(capsys):
+    assert cli.main(["demo", "--model", "resnet5"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("demo: unknown model 'resnet5'; choose one of: ")
+    assert "resnet18" in out and "wide_resnet50_2" in out
+
+
+@pytest.mark.parametrize("command", [["demo"], ["gate"], ["bench", "--level", "layer"]])
+def test_missing_torchvision_is_a_clear_error(command, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
+    assert cli.main(command) == 2
+    assert "needs torchvision" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["gate", "bench"])
+def test_checkout_tools_without_a_checkout(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "checkout_roots", lambda: [tmp_path])
+    monkeypatch.delitem(sys.modules, f"fastres_benchmarks_{command}", raising=False)
+    assert cli.main([command]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"{command}: `python -m fastres {command}` needs a fastres source "
+                          "checkout")
+    assert "pip install -e" in out

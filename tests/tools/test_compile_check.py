@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ("fused_conv2d_kernel", "bn_finalize_kernel", "bn_act_kernel",
            "bn_backward_reduce_kernel", "bn_backward_finalize_kernel", "bn_backward_apply_kernel")
 
@@ -26,7 +26,7 @@ def test_every_kernel_compiles_for_sm90():
 
 
 def test_report_fails_on_compile_errors_and_shared_memory_overflow():
-    from fastres.compile_check import CompileReport
+    from fastres.tools.compile_check import CompileReport
     report = CompileReport(90)
     report.current = "a scenario"
     report.record("k", "hash1", 100 * 1024)
@@ -39,7 +39,7 @@ def test_report_fails_on_compile_errors_and_shared_memory_overflow():
 
 
 def test_needs_the_real_jit():
-    from fastres import compile_check
+    from fastres.tools import compile_check
     from fastres.launch import conv as conv_launch
     if not conv_launch.INTERPRETED:
         pytest.skip("the kernels are compiled here (a GPU machine)")

@@ -10,7 +10,7 @@ import pytest
 
 from fastres.interpreter_support import interpreter_problem
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("triton_version, numpy_version", [
