@@ -21,12 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import roofline  # noqa: E402
+from bench_config import DTYPES, H100_L2_BYTES, ON_GPU  # noqa: E402
 from cases import rotation_sets  # noqa: E402
 
-from bench_config import DTYPES, H100_L2_BYTES, ON_GPU  # noqa: E402
-
 from fastres import get_fp32_precision  # noqa: E402
-from bench import roofline  # noqa: E402
 
 
 def pytest_addoption(parser):

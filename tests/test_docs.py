@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastres.cli import build_parser
+from fastres.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))

@@ -39,8 +39,8 @@ def test_report_fails_on_compile_errors_and_shared_memory_overflow():
 
 
 def test_needs_the_real_jit():
-    from fastres.tools import compile_check
     from fastres.launch import conv as conv_launch
+    from fastres.tools import compile_check
     if not conv_launch.INTERPRETED:
         pytest.skip("the kernels are compiled here (a GPU machine)")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
