@@ -272,7 +272,7 @@ def refresh(model: nn.Module) -> None:
     """Drop every cached folded weight in `model`. Needed only after writes that PyTorch's
     version counters do not see and no optimizer step or train-mode forward followed: in-place
     edits through `param.data`, foreign kernels, a DDP buffer broadcast of values changed on
-    another rank outside training (see fastres.folding)."""
+    another rank outside training (see fastres.nn.folding)."""
     for m in model.modules():
         caches = []
         if isinstance(m, FusedBlockBase):

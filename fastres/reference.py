@@ -58,7 +58,7 @@ def folded_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
 def merge_chunk_stats(stats: Tensor, M: int, chunk: int):
     """(mean, biased var) per channel from per-chunk (mean, M2) partials of `chunk` rows each
     (the last one shorter), by Chan et al.'s parallel formula: M2 = sum M2_i + sum n_i
-    (mean_i - mean)^2. The oracle for kernels/bn_stats.py."""
+    (mean_i - mean)^2. The oracle for kernels/bn_finalize.py."""
     counts = torch.full((stats.shape[0],), float(chunk), dtype=torch.float64, device=stats.device)
     counts[-1] = M - chunk * (stats.shape[0] - 1)
     means, m2 = stats[:, 0].double(), stats[:, 1].double()

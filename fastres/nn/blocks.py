@@ -106,7 +106,7 @@ class FusedBlockBase(nn.Module):
         """Fuse an existing block (torchvision, timm or user) in place and return it: the same
         object, its class swapped for one that is also a subclass of its own (see
         fused_block_class). Raises ValueError (and changes nothing) if it cannot be fused.
-        Forwards fastres does not know are probed first (fastres.anatomy); `trust` lists block
+        Forwards fastres does not know are probed first (fastres.nn.anatomy); `trust` lists block
         classes whose forward the caller vouches for instead."""
         if isinstance(block, cls):
             return block  # already fused

@@ -1,7 +1,7 @@
 """Functional entry point of the fused convolution, registered as a torch custom op.
 
 `conv_bn_act` computes  relu?( conv(x, weight) + bias + shortcut_conv(x2, weight2) + residual )
-with the BatchNorm already folded into `weight`/`bias` (see fastres.folding). Where it runs:
+with the BatchNorm already folded into `weight`/`bias` (see fastres.nn.folding). Where it runs:
 
 * CUDA tensors: the Triton kernel (kernels/conv.py, launched by fastres.launch.conv).
 * CPU tensors with TRITON_INTERPRET=1 set before fastres was imported: the same Triton kernel
