@@ -14,9 +14,10 @@ Compile-time options (one kernel, no near-copies):
                   (the downsample conv1x1 + BN of a ResNet block), so that shortcut costs no
                   extra launch and its output never touches memory
   APPLY_RELU      ReLU before the store
-  FLAT_REDUCTION  reduce over the flattened (r, s, c) index instead of looping over (r, s) and
-                  then channel blocks; used when C is small (the 7x7 stem has C = 3), where
-                  padding each tap's channel block up to BLOCK_K would waste most of the work
+  FLAT_C          > 0: reduce over the flattened (r, s, c) index, with C = FLAT_C known at
+                  compile time, instead of one filter tap's block of channels per step; used
+                  when C is small (the 7x7 stem has C = 3), where padding each tap's channel
+                  block up to BLOCK_K would waste most of the work
   UPCAST          convert loaded operands to fp32 before tl.dot; needed under Triton's
                   interpreter, which holds bf16 as raw uint16 and gets bf16 dot products wrong
   INPUT_PRECISION "tf32" or "ieee" for fp32 operands on the GPU (ignored for fp16/bf16)
@@ -48,70 +49,104 @@ def _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr):
 
 
 @triton.jit
-def _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
-                     C, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                     stride_wk, stride_wc, stride_wr, stride_ws,
-                     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                     scale_ptr, shift_ptr,
-                     R: tl.constexpr, S: tl.constexpr, FLAT_REDUCTION: tl.constexpr,
-                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
+                     stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                     dil_h, dil_w, scale_ptr, shift_ptr,
+                     R: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+                     SPATIAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
                      PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc[m, k] += sum over (r, s, c) of x[n, c, h, w] * w[k, c, r, s] for one output tile
-    (x through the BN + ReLU prologue when PROLOGUE)."""
-    offs_kb = tl.arange(0, BLOCK_K)
-    row_base = n_idx.to(tl.int64) * stride_xn  # int64: the batch stride times N can pass 2^31
-    h0 = p_idx * conv_stride_h - pad_h
-    w0 = q_idx * conv_stride_w - pad_w
-    if FLAT_REDUCTION:
-        red = R * S * C
-        for k0 in range(0, red, BLOCK_K):
-            kk = k0 + offs_kb
-            c = kk % C
-            rs = kk // C
-            r = rs // S
-            s = rs % S
-            h = h0[:, None] + r[None, :] * dil_h
-            w = w0[:, None] + s[None, :] * dil_w
-            mask_a = (mask_m[:, None] & (kk < red)[None, :] & (h >= 0) & (h < H) & (w >= 0)
-                      & (w < W))
-            if INDEX_64:
-                c = c.to(tl.int64)
-            a_off = (row_base[:, None] + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
-                     + c[None, :] * stride_xc)
-            a = tl.load(x_ptr + a_off, mask=mask_a, other=0.0)
-            if PROLOGUE:
-                a = _bn_relu_prologue(a, c, kk < red, mask_a, scale_ptr, shift_ptr)
-            b_off = offs_n[None, :] * stride_wk + (c * stride_wc + r * stride_wr
-                                                    + s * stride_ws)[:, None]
-            b = tl.load(w_ptr + b_off, mask=(kk < red)[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    else:
-        for rs in range(0, R * S):
-            r = rs // S
-            s = rs % S
-            h = h0 + r * dil_h
-            w = w0 + s * dil_w
-            valid_m = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a_row = row_base + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
-            w_tap = w_ptr + r * stride_wr + s * stride_ws
-            for c0 in range(0, C, BLOCK_K):
-                c = c0 + offs_kb
-                mask_c = c < C
-                if INDEX_64:
-                    c = c.to(tl.int64)
-                mask_a = valid_m[:, None] & mask_c[None, :]
-                a = tl.load(x_ptr + a_row[:, None] + c[None, :] * stride_xc, mask=mask_a, other=0.0)
-                if PROLOGUE:
-                    a = _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr)
-                b = tl.load(w_tap + offs_n[None, :] * stride_wk + c[:, None] * stride_wc,
-                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    """acc += the conv over the flattened (r, s, c) index, C a compile-time constant: the stem
+    (C = 3), where padding each tap's channels to BLOCK_K would waste most of the work.
+    x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    red = R * S * C
+    for k0 in range(0, red, BLOCK_K):
+        kk = k0 + offs_k
+        c = kk % C
+        r = kk // (S * C)
+        s = (kk // C) % S
+        dh = r * dil_h
+        dw = s * dil_w
+        mask_k = kk < red
+        mask_a = mask_m[:, None] & mask_k[None, :]
+        if SPATIAL_MASK:
+            h = h0[:, None] + dh[None, :]
+            w = w0[:, None] + dw[None, :]
+            mask_a = mask_a & (h.to(tl.uint32) < H.to(tl.uint32)) & (w.to(tl.uint32) < W.to(tl.uint32))
+        if INDEX_64:
+            k_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+                     + c.to(tl.int64) * stride_xc)
+        else:
+            k_off = dh * stride_xh + dw * stride_xw + c * stride_xc
+        a = tl.load(x_rows[:, None] + k_off[None, :], mask=mask_a, other=0.0)
+        if PROLOGUE:
+            a = _bn_relu_prologue(a, c, mask_k, mask_a, scale_ptr, shift_ptr)
+        b = tl.load(w_cols[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
+                     stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                     dil_h, dil_w, scale_ptr, shift_ptr,
+                     R: tl.constexpr, S: tl.constexpr, EVEN_C: tl.constexpr,
+                     SPATIAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+                     PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the conv, one step per (filter tap, block of BLOCK_K channels), all in ONE loop, so
+    that Triton pipelines the loads across taps instead of draining the pipeline at the end of
+    each tap. x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel),
+    w_cols: each output channel's into the weights, computed once per tile; per step only a
+    tap offset and the channel offsets are added. EVEN_C: C % BLOCK_K == 0, so no channel mask.
+    SPATIAL_MASK: taps can fall outside the image (padding, or a filter larger than 1x1)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    # The step's tap and first channel are carried from step to step (a runtime division per
+    # step would cost more than the rest of the address arithmetic).
+    tap = 0
+    c0 = 0
+    for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+        c = c0 + offs_k
+        r = tap // S
+        s = tap - r * S
+        dh = r * dil_h
+        dw = s * dil_w
+        valid = mask_m
+        if SPATIAL_MASK:
+            # 0 <= h < H as one unsigned comparison (a negative h wraps to a huge value)
+            valid = (valid & ((h0 + dh).to(tl.uint32) < H.to(tl.uint32))
+                     & ((w0 + dw).to(tl.uint32) < W.to(tl.uint32)))
+        if INDEX_64:
+            c = c.to(tl.int64)
+            a_off = dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw + c * stride_xc
+        else:
+            a_off = dh * stride_xh + dw * stride_xw + c * stride_xc
+        mask_c = c < C
+        if EVEN_C:
+            mask_a = valid[:, None]
+            mask_b = mask_n[None, :]
+        else:
+            mask_a = valid[:, None] & mask_c[None, :]
+            mask_b = mask_c[:, None] & mask_n[None, :]
+        a = tl.load(x_rows[:, None] + a_off[None, :], mask=mask_a, other=0.0)
+        if PROLOGUE:
+            a = _bn_relu_prologue(a, c, mask_c, valid[:, None] & mask_c[None, :], scale_ptr,
+                                  shift_ptr)
+        b = tl.load(w_cols[None, :] + (r * stride_wr + s * stride_ws + c * stride_wc)[:, None],
+                    mask=mask_b, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        tap = tl.where(next_tap, tap + 1, tap)
+        c0 = tl.where(next_tap, 0, c0)
     return acc
 
 
@@ -129,7 +164,9 @@ def fused_conv2d_kernel(
         shortcut_stride_h, shortcut_stride_w,
         R: tl.constexpr, S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-        APPLY_RELU: tl.constexpr, FLAT_REDUCTION: tl.constexpr, UPCAST: tl.constexpr,
+        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, EVEN_C: tl.constexpr,
+        EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
+        RES_ROWS_DENSE: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
         STATS: tl.constexpr, STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -147,7 +184,11 @@ def fused_conv2d_kernel(
       scale_ptr, shift_ptr   fp32 (C,) prologue BN scale/shift       [PROLOGUE]
       stats_ptr  fp32 (cdiv(N*P*Q, STATS_CHUNK), 2, K) per-chunk (mean, M2)   [STATS]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
-    of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N)."""
+    of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N).
+    Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
+    C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), SPATIAL_MASK (taps can leave the
+    image), OUT_ROWS_DENSE / RES_ROWS_DENSE (the output's / residual's row m = (n, p, q) sits
+    at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed)."""
     M = N * P * Q
     # Grouped launch order: GROUP_M row-tiles share each column tile so weights stay in L2.
     pid = tl.program_id(0)
@@ -170,22 +211,36 @@ def fused_conv2d_kernel(
     q_idx = pq % Q
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_conv(acc, x_ptr, w_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
-                           C, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                           stride_wk, stride_wc, stride_wr, stride_ws,
-                           conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                           scale_ptr, shift_ptr,
-                           R, S, FLAT_REDUCTION, UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE,
-                           BLOCK_K)
+    h0 = p_idx * conv_stride_h - pad_h
+    w0 = q_idx * conv_stride_w - pad_w
+    # Per row and per output channel, the base addresses, once per tile (int64 rows: the batch
+    # stride times N can pass 2^31).
+    x_rows = x_ptr + (n_idx.to(tl.int64) * stride_xn + h0.to(tl.int64) * stride_xh
+                      + w0.to(tl.int64) * stride_xw)
+    w_cols = w_ptr + offs_n * stride_wk
+    # The downsample branch of a block: a 1x1, unpadded, strided conv of the block input,
+    # reduced into the same accumulator (its folded BN shift is already part of the bias).
+    x2_rows = x2_ptr + (n_idx.to(tl.int64) * stride_x2n
+                        + (p_idx * shortcut_stride_h).to(tl.int64) * stride_x2h
+                        + (q_idx * shortcut_stride_w).to(tl.int64) * stride_x2w)
+    w2_cols = w2_ptr + offs_n * stride_w2k
+    if FLAT_C > 0:
+        acc = _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
+                               stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                               dil_h, dil_w, scale_ptr, shift_ptr, R, S, FLAT_C, SPATIAL_MASK,
+                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
+    else:
+        acc = _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
+                               stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                               dil_h, dil_w, scale_ptr, shift_ptr, R, S, EVEN_C, SPATIAL_MASK,
+                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
     if HAS_SHORTCUT:
-        # The downsample branch: a 1x1, unpadded, strided conv of the block input, reduced
-        # into the same accumulator (its folded BN shift is already part of the bias).
-        acc = _accumulate_conv(acc, x2_ptr, w2_ptr, n_idx, p_idx, q_idx, mask_m, offs_n, mask_n,
-                               C2, H2, W2, stride_x2n, stride_x2c, stride_x2h, stride_x2w,
-                               stride_w2k, stride_w2c, 0, 0,
-                               shortcut_stride_h, shortcut_stride_w, 0, 0, 1, 1,
-                               scale_ptr, shift_ptr,
-                               1, 1, False, UPCAST, INPUT_PRECISION, INDEX_64, False, BLOCK_K)
+        # A second loop: one loop over both reductions would have to select between two base
+        # pointers per step, which costs Triton the operands' alignment (no cp.async, spills).
+        acc = _accumulate_taps(acc, x2_rows, w2_cols, h0, w0, mask_m, mask_n, C2, H2, W2,
+                               stride_x2c, 0, 0, stride_w2c, 0, 0, 1, 1, scale_ptr, shift_ptr,
+                               1, 1, EVEN_C2, False, UPCAST, INPUT_PRECISION, INDEX_64, False,
+                               BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -207,13 +262,20 @@ def fused_conv2d_kernel(
         s_mask = (chunk * STATS_CHUNK < M)[:, None] & mask_n[None, :]
         tl.store(stats_ptr + s_off, mean, mask=s_mask)
         tl.store(stats_ptr + s_off + K, m2, mask=s_mask)
-    n64 = n_idx.to(tl.int64)
     if HAS_RESIDUAL:
-        r_off = (n64 * stride_rn + p_idx.to(tl.int64) * stride_rh
-                 + q_idx.to(tl.int64) * stride_rw)[:, None] + offs_n.to(tl.int64)[None, :] * stride_rc
+        if RES_ROWS_DENSE:
+            r_row = offs_m.to(tl.int64) * stride_rw
+        else:
+            r_row = (n_idx.to(tl.int64) * stride_rn + p_idx.to(tl.int64) * stride_rh
+                     + q_idx.to(tl.int64) * stride_rw)
+        r_off = r_row[:, None] + offs_n.to(tl.int64)[None, :] * stride_rc
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = relu(acc)
-    o_off = (n64 * stride_on + p_idx.to(tl.int64) * stride_oh
-             + q_idx.to(tl.int64) * stride_ow)[:, None] + offs_n.to(tl.int64)[None, :] * stride_oc
+    if OUT_ROWS_DENSE:
+        o_row = offs_m.to(tl.int64) * stride_ow
+    else:
+        o_row = (n_idx.to(tl.int64) * stride_on + p_idx.to(tl.int64) * stride_oh
+                 + q_idx.to(tl.int64) * stride_ow)
+    o_off = o_row[:, None] + offs_n.to(tl.int64)[None, :] * stride_oc
     tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)

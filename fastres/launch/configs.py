@@ -5,8 +5,10 @@ Used alike by the autotuner on a GPU (its early_config_prune), by FASTRES_AUTOTU
 candidate, untimed), and by `python -m fastres compile-check` (every config, on its target).
 
 The table's classes are tried in order; the first whose conditions the problem meets supplies
-the candidates, minus those whose pipelined tiles do not fit the target's shared memory in the
-problem's dtype (fp32 needs twice fp16's bytes). A launch with the batch-statistics epilogue
+the candidates: its "configs" for fp16/bf16, its "configs_fp32" for fp32 (whose operands take
+twice the shared memory and registers), minus those whose pipelined tiles do not fit the
+target's shared memory, and minus those whose BLOCK_N exceeds the problem's K (half an MMA or
+more would compute padding) while another is left. A launch with the batch-statistics epilogue
 needs BLOCK_M to be a multiple of STATS_CHUNK.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ def load_config_table(path: Path = CONFIG_FILE) -> dict:
     with open(path) as f:
         table = json.load(f)
     for entry in table["classes"]:
-        for cfg in entry["configs"]:
+        for cfg in entry["configs"] + entry["configs_fp32"]:
             for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                 if cfg[key] < MIN_BLOCK:
                     raise ValueError(f"{path}: {key}={cfg[key]} < {MIN_BLOCK} in class {entry['name']}")
@@ -96,11 +98,19 @@ def _fits(cfg: dict, elem_bytes: int, stats: bool, target: Target) -> bool:
                               elem_bytes, stats, target)
 
 
-def all_configs(table: Optional[dict] = None) -> List[dict]:
-    """Every config of the table once, in table order."""
+def class_configs(entry: dict, elem_bytes: int) -> List[dict]:
+    """A class's configs for operands of elem_bytes bytes (4: fp32)."""
+    return entry["configs_fp32"] if elem_bytes == 4 else entry["configs"]
+
+
+def all_configs(table: Optional[dict] = None, elem_bytes: Optional[int] = None) -> List[dict]:
+    """Every config of the table once, in table order (only those for operands of elem_bytes
+    bytes, if given)."""
     seen, configs = set(), []
     for entry in (table or config_table())["classes"]:
-        for cfg in entry["configs"]:
+        lists = ([class_configs(entry, elem_bytes)] if elem_bytes is not None
+                 else [entry["configs"], entry["configs_fp32"]])
+        for cfg in (c for group in lists for c in group):
             if config_id(cfg) not in seen:
                 seen.add(config_id(cfg))
                 configs.append(cfg)
@@ -111,14 +121,16 @@ def candidate_configs(*, M: int, C: int, K: int, R: int, S: int, flat: bool, ele
                       stats: bool, target: Optional[Target] = None,
                       table: Optional[dict] = None) -> List[dict]:
     """The configs this problem may run with on `target`, best guess first: its class's that
-    fit; with stats, only BLOCK_M % STATS_CHUNK == 0 (from any class if its own has none);
-    never empty while some config fits."""
+    fit, without those whose BLOCK_N exceeds K (half an MMA or more would compute padding)
+    unless no other is left; with stats, only BLOCK_M % STATS_CHUNK == 0 (from any class if its
+    own has none); never empty while some config fits."""
     table = table or config_table()
     target = target or current_target()
-    fits = [c for c in all_configs(table) if _fits(c, elem_bytes, stats, target)]
+    fits = [c for c in all_configs(table, elem_bytes) if _fits(c, elem_bytes, stats, target)]
     name = shape_class(table, M=M, C=C, K=K, R=R, S=S, flat=flat)
-    own = next(e for e in table["classes"] if e["name"] == name)["configs"]
+    own = class_configs(next(e for e in table["classes"] if e["name"] == name), elem_bytes)
     kept = [c for c in own if c in fits]
+    kept = [c for c in kept if c["BLOCK_N"] <= max(K, MIN_BLOCK)] or kept
     stats_ok = [c for c in fits if c["BLOCK_M"] % STATS_CHUNK == 0]
     if stats:
         kept = [c for c in (kept or fits) if c["BLOCK_M"] % STATS_CHUNK == 0]
@@ -138,7 +150,7 @@ def prune_to_shape_class(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     allowed = candidate_configs(
         M=args["N"] * args["P"] * args["Q"], C=args["C"], K=args["K"], R=args["R"], S=args["S"],
-        flat=bool(args["FLAT_REDUCTION"]), elem_bytes=args["x_ptr"].element_size(),
+        flat=args["FLAT_C"] > 0, elem_bytes=args["x_ptr"].element_size(),
         stats=bool(args.get("STATS")))
     wanted = [config_id(c) for c in allowed]
     by_id = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],

@@ -38,6 +38,14 @@ def use_flat_reduction(C: int, R: int, S: int) -> bool:
     return C < 32 and R * S > 1
 
 
+# The channel-mask-free loop needs C % BLOCK_K == 0, and BLOCK_K comes with the config: these
+# two constexprs are derived per launch from whichever config runs (autotuned or not).
+_kernel = triton.heuristics(values={
+    "EVEN_C": lambda args: args["C"] % args["BLOCK_K"] == 0,
+    "EVEN_C2": lambda args: not args["HAS_SHORTCUT"] or args["C2"] % args["BLOCK_K"] == 0,
+})(fused_conv2d_kernel)
+
+
 def _build_tuned_kernel():
     """The autotuned kernel for real GPUs: every curated config, pruned to the shape's class."""
     return triton.autotune(
@@ -45,7 +53,7 @@ def _build_tuned_kernel():
         key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL", "PROLOGUE",
              "STATS"],
         prune_configs_by={"early_config_prune": configs.prune_to_shape_class},
-    )(fused_conv2d_kernel)
+    )(_kernel)
 
 
 def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: bool,
@@ -57,17 +65,31 @@ def _kernel_and_meta(M: int, C: int, K: int, R: int, S: int, flat: bool, stats: 
     the first candidate config: for the test-suite, whose hundreds of small shapes would
     otherwise each be benchmarked, and for debugging."""
     global _tuned_kernel
+    if config is not None:  # (also under the interpreter: tests force small channel blocks)
+        return _kernel, configs.launch_meta(config)
     if INTERPRETED:
-        return fused_conv2d_kernel, dict(INTERPRETER_CONFIG)
-    if config is not None:
-        return fused_conv2d_kernel, configs.launch_meta(config)
+        return _kernel, dict(INTERPRETER_CONFIG)
     if compiling_only() or os.environ.get("FASTRES_AUTOTUNE", "1") == "0":
         first = configs.candidate_configs(M=M, C=C, K=K, R=R, S=S, flat=flat,
                                           elem_bytes=elem_bytes, stats=stats)[0]
-        return fused_conv2d_kernel, configs.launch_meta(first)
+        return _kernel, configs.launch_meta(first)
     if _tuned_kernel is None:
         _tuned_kernel = _build_tuned_kernel()
     return _tuned_kernel, {}
+
+
+def _image_extent(t) -> int:
+    """1 + the largest element offset within one image (batch index 0) of a 4-D tensor."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _rows_dense(t) -> bool:
+    """Whether output row m = (n, p, q) of the (N, K, P, Q) tensor t starts at m * stride_w:
+    the pixels of all images form one evenly strided sequence (dense channels_last, or any
+    layout whose batch and height strides follow from the width stride)."""
+    N, _, P, Q = t.shape
+    s_n, _, s_h, s_w = t.stride()
+    return (P == 1 or s_h == Q * s_w) and (N == 1 or s_n == P * Q * s_w)
 
 
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
@@ -97,9 +119,10 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         x2_strides, w2_strides = (0, 0, 0, 0), (0, 0, 0, 0)
     if flat_reduction is None:
         flat_reduction = use_flat_reduction(C, R, S)
-    # Row offsets are always 64-bit; channel offsets c * stride_c only need it for huge images.
+    # Row bases are always 64-bit; offsets within one image (taps, channels) only need it when
+    # an image's extent passes 2^31 elements.
     if index_64 is None:
-        index_64 = max(C * x.stride(1), C2 * x2_strides[1]) >= 2 ** 31
+        index_64 = max(_image_extent(x), _image_extent(x2) if has_shortcut else 0) >= 2 ** 31
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     if x.dtype != torch.float32:
         fp32_precision = "tf32"  # the compiler's default; only fp32 operands look at it
@@ -123,8 +146,10 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         stride2[0], stride2[1],
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_REDUCTION=flat_reduction, UPCAST=upcast,
-        INPUT_PRECISION=fp32_precision, INDEX_64=index_64, PROLOGUE=prologue is not None,
-        STATS=stats is not None, STATS_CHUNK=STATS_CHUNK, **meta)
+        HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_C=C if flat_reduction else 0,
+        SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
+        OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),
+        UPCAST=upcast, INPUT_PRECISION=fp32_precision, INDEX_64=index_64,
+        PROLOGUE=prologue is not None, STATS=stats is not None, STATS_CHUNK=STATS_CHUNK, **meta)
     _launches += 1
     return out

@@ -180,8 +180,9 @@ def _config_scenarios(dtypes) -> List[Scenario]:
     scenarios = []
     for entry in configs.load_config_table()["classes"]:
         C, R, pad, small = problems[entry["name"]]
-        for cfg in entry["configs"]:
-            for dtype in dtypes:
+        for dtype in dtypes:
+            elem = torch.empty((), dtype=dtype).element_size()
+            for cfg in configs.class_configs(entry, elem):
                 for training in (False, True):
                     if training and cfg["BLOCK_M"] % configs.STATS_CHUNK:
                         continue

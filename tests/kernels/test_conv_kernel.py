@@ -93,6 +93,32 @@ def test_both_reduction_orders(name, flat, device):
     assert_close(out, reference(c), torch.float32, c["L"])
 
 
+# name: (case as in CASES, BLOCK_K): channel blocks that divide C (and C2), so the kernel drops
+# its channel masks (EVEN_C), and one that does not; the interpreter's default block (128)
+# divides none of CASES' channel counts.
+CHANNEL_BLOCK_CASES = {
+    "3x3_even_c_residual": ((2, 32, 7, 6, 24, (3, 3), (1, 1), (1, 1), (1, 1), True, None, True), 16),
+    "1x1_even_c_dual_gemm": ((2, 32, 5, 5, 20, (1, 1), (1, 1), (0, 0), (1, 1), False, (48, 2), True), 16),
+    "3x3_uneven_c_dil2": ((2, 24, 9, 8, 24, (3, 3), (2, 1), (2, 2), (2, 2), False, None, True), 16),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("name", list(CHANNEL_BLOCK_CASES))
+def test_channel_blocks_that_divide_c(name, fmt, device):
+    case, block_k = CHANNEL_BLOCK_CASES[name]
+    c = make_case(case, torch.float16, fmt, device)
+    N, K, P, Q = c["shape"]
+    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=torch.float16, device=device), fmt)
+    out = guard[1:N + 1]
+    x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
+    config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4, num_stages=2)
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+                              c["padding"], c["dilation"], s2, c["relu"], "ieee", config=config)
+    assert_close(out, reference(c), torch.float16, c["L"])
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+
+
 @pytest.mark.parametrize("name", ["3x3_p1_odd", "7x7_s2_p3_stem", "1x1_dual_gemm_s2"])
 def test_64bit_channel_offsets(name, device):
     """INDEX_64 (chosen for images of more than 2^31 elements, too big to test here) forced on."""
@@ -179,23 +205,30 @@ def test_autotuner_prunes_to_the_shape_class():
     table = configs.load_config_table()
     tuning = configs.all_tuning_configs()
     by_class = {e["name"]: {configs.config_id(c) for c in e["configs"]} for e in table["classes"]}
-    assert len(tuning) == len(set().union(*by_class.values()))
+    fp32_by_class = {e["name"]: {configs.config_id(c) for c in e["configs_fp32"]}
+                     for e in table["classes"]}
+    assert len(tuning) == len(set().union(*by_class.values(), *fp32_by_class.values()))
     half = torch.empty(1, dtype=torch.float16)
     launch = dict(N=256, C=64, K=256, P=56, Q=56, x_ptr=half)
-    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_REDUCTION=False)
+    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_C=0)
     ids = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
             c.num_warps, c.num_stages) for c in kept}
     assert ids == by_class["pointwise"]
     kept = configs.prune_to_shape_class(tuning, dict(N=256, C=3, K=64, P=112, Q=112, x_ptr=half),
-                                             R=7, S=7, FLAT_REDUCTION=True)
+                                        R=7, S=7, FLAT_C=3)
     assert len(kept) == len(by_class["stem"])
-    # fp32 operands take twice the shared memory: the 128x256x64, 3-stage pointwise config
-    # (288 KiB of staging, as compiled for sm_90 by `python -m fastres compile-check`) is dropped.
+    # K = 64 outputs: no config whose BLOCK_N (128) would compute half its MMA on padding.
+    kept = configs.prune_to_shape_class(tuning, dict(launch, C=64, K=64), R=3, S=3, FLAT_C=0)
+    assert kept and all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    # fp32 operands take twice the shared memory and registers: fp32 runs its own configs,
+    # every one of which fits.
     launch["x_ptr"] = torch.empty(1, dtype=torch.float32)
-    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_REDUCTION=False)
-    assert 0 < len(kept) < len(by_class["pointwise"])
+    kept = configs.prune_to_shape_class(tuning, launch, R=1, S=1, FLAT_C=0)
+    ids = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
+            c.num_warps, c.num_stages) for c in kept}
+    assert ids == fp32_by_class["pointwise"]
     assert all(configs.fits_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                               c.kwargs["BLOCK_K"], c.num_stages, 4) for c in kept)
+                                          c.kwargs["BLOCK_K"], c.num_stages, 4) for c in kept)
     assert not configs.fits_shared_memory(128, 256, 64, 3, 4)
     assert configs.fits_shared_memory(128, 128, 64, 3, 4)  # 192 KiB: fits
     assert configs.fits_shared_memory(128, 128, 64, 3, 4, stats=True)  # 225 KiB compiled
