@@ -895,7 +895,7 @@ def _num(v, fmt="{}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-TABLE_COLUMNS = ("layer", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/SM (limit)",
+TABLE_COLUMNS = ("layer", "models", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/SM (limit)",
                  "HGMMA", "LDGSTS", "UTMALDG", "LDG", "STG", "LDL/STL", "BAR", "structure",
                  "main loop instr", "instr/tile", "issue/tensor", "ref instr/tile",
                  "ref issue/tensor", "ratio to ref")
@@ -904,7 +904,8 @@ TABLE_COLUMNS = ("layer", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/S
 def table_row(r: dict) -> List[str]:
     c = r["counts"]
     main = [str(lp["instr"]) for lp in r["loops"] if lp["role"] in ("main", "shortcut")]
-    return [r["layer"], r["config_label"], str(r["regs"]), _spill(r),
+    models = ",".join(m.replace("resnet", "r") for m in r["models"])
+    return [r["layer"], models, r["config_label"], str(r["regs"]), _spill(r),
             f"{(r['shared_bytes'] + SMEM_RESERVED_PER_CTA) / 1024:.0f}",
             f"{r['ctas_per_sm']} ({r['cta_limit']})", str(c["HGMMA"]), str(c["LDGSTS"]),
             str(c["UTMALDG"]), str(c["LDG"]), str(c["STG"]), f"{c['LDL']}/{c['STL']}",
@@ -925,7 +926,8 @@ def markdown(report: SassReport) -> str:
              "static counts and straight-line estimates, no GPU run. instr/tile = estimated "
              "instructions per warp per output tile; issue/tensor > 1 means issuing them takes "
              "longer than the tile's MMAs at the dense tensor-core rate; ratio to ref = instr/tile "
-             "over that of kernels/reference_gemm.py on the same tile and implicit GEMM.", ""]
+             "over that of kernels/reference_gemm.py on the same tile and implicit GEMM; models: r18 = "
+             "ResNet-18, r50 = ResNet-50.", ""]
     groups: Dict[Tuple[str, str], List[dict]] = {}
     for r in report.records:
         groups.setdefault((r["variant"], r["dtype"]), []).append(r)
