@@ -3,7 +3,8 @@
 Only the parsing and the dispatch live here; each command's work is in its own module, imported
 when the command runs, so that `--help` and a usage error stay fast and need nothing optional:
   demo           fastres.tools.demo (needs torchvision)
-  compile-check  fastres.tools.compile_check
+  compile-check  fastres.tools.compile_check (with --sass: fastres.tools.sass_report, which
+                 reads benchmarks/cases.py and the baseline of a checkout when there is one)
   bench, gate    benchmarks/bench.py and benchmarks/gate.py of a source checkout: they drive the
                  suites and baselines kept there, which are not installed with the package.
 """
@@ -45,6 +46,15 @@ def checkout_roots() -> List[Path]:
     return [Path(fastres.__file__).resolve().parents[1], Path.cwd()]
 
 
+def checkout_root() -> Optional[Path]:
+    """The first of checkout_roots() that holds a benchmarks/ folder, else None."""
+    return next((root for root in checkout_roots() if (root / "benchmarks").is_dir()), None)
+
+
+def _looked_in() -> str:
+    return " and ".join(str(root / "benchmarks") for root in dict.fromkeys(checkout_roots()))
+
+
 def load_checkout_tool(name: str) -> ModuleType:
     """benchmarks/<name>.py of the source checkout, loaded by file path under a name of its own
     (no generic top-level name like `gate` claimed in sys.modules or put on sys.path)."""
@@ -57,8 +67,7 @@ def load_checkout_tool(name: str) -> ModuleType:
     if path is None:
         raise NoCheckout(
             f"`python -m fastres {name}` needs a fastres source checkout: it runs benchmarks/"
-            f"{name}.py, which is not installed with the package (looked in "
-            f"{' and '.join(str(root / 'benchmarks') for root in dict.fromkeys(roots))}). "
+            f"{name}.py, which is not installed with the package (looked in {_looked_in()}). "
             f"Run it from the checkout's root, or pip install -e the checkout.")
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -69,6 +78,19 @@ def load_checkout_tool(name: str) -> ModuleType:
         del sys.modules[module_name]
         raise
     return module
+
+
+def _checkout_commit(root: Path) -> Optional[str]:
+    """The checkout's short commit, with "+dirty" when the package or kernels differ from it."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--",
+                                "kernels", "fastres"], capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,11 +110,44 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compile_check(args: argparse.Namespace) -> int:
+    if args.gate or args.bless or args.out is not None or args.baseline is not None:
+        if not args.sass:
+            print("compile-check: --gate, --bless, --out and --baseline go with --sass")
+            return 2
+    if args.sass:
+        return _sass_report(args)
     from fastres.tools import compile_check
 
     report = compile_check.run(args.arch, args.quick)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _sass_report(args: argparse.Namespace) -> int:
+    """compile-check --sass: the layer list and the baseline come from a source checkout when
+    there is one (benchmarks/cases.py, benchmarks/baselines/sass_sm<arch>.json)."""
+    if missing_torchvision("compile-check --sass"):
+        return 2
+    from fastres.tools import sass_report
+
+    root = checkout_root()
+    cases, baseline, reason = None, args.baseline, None
+    if root is None:
+        print(f"compile-check --sass: no fastres source checkout (looked in {_looked_in()}): "
+              "the layers are derived from torchvision directly, and the gate's baseline "
+              "(benchmarks/baselines/) is not at hand")
+        reason = ("compile-check --sass: --gate and --bless need the baseline benchmarks/baselines/"
+                  f"{sass_report.BASELINE_NAME.format(arch=args.arch)} of a fastres source "
+                  "checkout, which is not installed with the package: run from the checkout's "
+                  "root, pip install -e the checkout, or pass --baseline FILE")
+    else:
+        cases = load_checkout_tool("cases")
+        if baseline is None:
+            baseline = root / "benchmarks" / "baselines" / sass_report.BASELINE_NAME.format(
+                arch=args.arch)
+    out = args.out if args.out is not None else Path("fastres-sass-out")
+    return sass_report.main(args.arch, args.quick, out, args.gate, args.bless, baseline, cases,
+                            _checkout_commit(root) if root else None, reason)
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -226,12 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
         "compile-check", help="compile every kernel variant for an NVIDIA GPU, without a GPU",
         description="Compile, for GPUTarget('cuda', ARCH) and without launching anything, every "
                     "Triton kernel variant fastres launches (eval blocks, the stem, training "
-                    "steps, every tuning config), and check each kernel's shared memory. Needs "
-                    "TRITON_INTERPRET unset.")
+                    "steps, every tuning config), and check each kernel's shared memory. With "
+                    "--sass: the static cost report of the compiled conv kernels and its gate. "
+                    "Needs TRITON_INTERPRET unset.")
     check_parser.add_argument("--arch", type=int, default=90,
                               help="compute capability x10 (default: 90, the H100)")
     check_parser.add_argument("--quick", action="store_true",
-                              help="fp16 and channels_last only (the CI subset)")
+                              help="fp16 and channels_last only (the CI subset); with --sass: "
+                                   "fp16 and ResNet-50 only")
+    check_parser.add_argument("--sass", action="store_true",
+                              help="instead: the static cost report of the conv kernel as "
+                                   "compiled (registers, spills, occupancy, SASS opcode counts, "
+                                   "loop structure, estimated instructions per tile, vs a "
+                                   "reference GEMM) for every ResNet-18/50 conv at batch 256; "
+                                   "needs torchvision (see docs/compile-check.md)")
+    check_parser.add_argument("--out", type=Path, default=None,
+                              help="with --sass: folder for sass.json and sass.md "
+                                   "(default: ./fastres-sass-out)")
+    check_parser.add_argument("--gate", action="store_true",
+                              help="with --sass: compare with the committed baseline "
+                                   "(benchmarks/baselines/sass_sm<ARCH>.json); exit code 1 on "
+                                   "added spills, a lost HGMMA/UTMALDG or >10%% more "
+                                   "instructions per tile")
+    check_parser.add_argument("--bless", action="store_true",
+                              help="with --sass: write the measured numbers as the baseline")
+    check_parser.add_argument("--baseline", type=Path, default=None,
+                              help="with --sass: the baseline file (default: the checkout's "
+                                   "benchmarks/baselines/sass_sm<ARCH>.json)")
     check_parser.set_defaults(run=_compile_check)
 
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess

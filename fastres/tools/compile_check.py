@@ -15,15 +15,15 @@ against the target's per-block limit.
 
 It catches what Triton's interpreter cannot: tl.dot's shape and dtype rules, constexpr and type
 errors in branches the interpreter treats loosely, and configs that overflow shared memory.
-What it cannot catch: wrong results, register spills (known only when a binary is loaded) and
-speed - those need the GPU.
+What it cannot catch: wrong results and speed - those need the GPU. Register spills and the
+compiled code's cost are read off the cubins by `compile-check --sass` (fastres.tools.sass_report).
 """
 from __future__ import annotations
 
 import contextlib
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ class CompileReport:
     pruned: List[str] = field(default_factory=list)  # configs the autotuner drops for the dtype
     scenarios: int = 0
     current: str = ""
+    # Called with each CompiledKernel (its .asm holds the cubin): compile-check --sass reads them.
+    on_compile: Optional[Callable[[Any], None]] = None
 
     @property
     def limit(self) -> int:
@@ -104,6 +106,8 @@ def _compile_only(target: Target, report: CompileReport):
     def compile_without_launch(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         report.record(self.__name__, kernel.hash, kernel.metadata.shared)
+        if report.on_compile is not None:
+            report.on_compile(kernel)
         return kernel
 
     previous_driver = driver._active  # None until first used (reset_active() would need a GPU)
