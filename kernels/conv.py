@@ -92,61 +92,100 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
 
 
 @triton.jit
+def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
+                     stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C: tl.constexpr,
+                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     PROLOGUE: tl.constexpr):
+    """acc += x[rows, tap, c] @ w[tap, c, cols] for one filter tap (the scalar offsets x_off,
+    w_off) and one block of channels c; rows outside the image (not valid) read zeros."""
+    mask_c = c < C
+    if EVEN_C:
+        mask_a = valid[:, None]
+        mask_b = mask_n[None, :]
+    else:
+        mask_a = valid[:, None] & mask_c[None, :]
+        mask_b = mask_c[:, None] & mask_n[None, :]
+    a = tl.load(x_rows[:, None] + (x_off + c * stride_xc)[None, :], mask=mask_a, other=0.0)
+    if PROLOGUE:
+        a = _bn_relu_prologue(a, c, mask_c, valid[:, None] & mask_c[None, :], scale_ptr,
+                              shift_ptr)
+    b = tl.load(w_cols[None, :] + (w_off + c * stride_wc)[:, None], mask=mask_b, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw, stride_wr, stride_ws, dil_h, dil_w,
+         S: tl.constexpr, SPATIAL_MASK: tl.constexpr, INDEX_64: tl.constexpr):
+    """For filter tap number `tap`: the rows whose input pixel is inside the image, and the
+    tap's scalar offsets into x and into the weights."""
+    r = tap // S
+    s = tap - r * S
+    dh = r * dil_h
+    dw = s * dil_w
+    valid = mask_m
+    if SPATIAL_MASK:
+        # 0 <= h < H as one unsigned comparison (a negative h wraps to a huge value)
+        valid = (valid & ((h0 + dh).to(tl.uint32) < H.to(tl.uint32))
+                 & ((w0 + dw).to(tl.uint32) < W.to(tl.uint32)))
+    if INDEX_64:
+        x_off = dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+    else:
+        x_off = dh * stride_xh + dw * stride_xw
+    return valid, x_off, r * stride_wr + s * stride_ws
+
+
+@triton.jit
 def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                      dil_h, dil_w, scale_ptr, shift_ptr,
                      R: tl.constexpr, S: tl.constexpr, EVEN_C: tl.constexpr,
-                     SPATIAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                     SPATIAL_MASK: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
                      PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += the conv, one step per (filter tap, block of BLOCK_K channels), all in ONE loop, so
-    that Triton pipelines the loads across taps instead of draining the pipeline at the end of
-    each tap. x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel),
-    w_cols: each output channel's into the weights, computed once per tile; per step only a
-    tap offset and the channel offsets are added. EVEN_C: C % BLOCK_K == 0, so no channel mask.
-    SPATIAL_MASK: taps can fall outside the image (padding, or a filter larger than 1x1)."""
+    """acc += the conv, one step per (filter tap, block of BLOCK_K channels).
+
+    By default all steps form ONE loop, so that Triton pipelines the loads across taps instead
+    of draining the pipeline at the end of each tap; the tap and first channel are carried from
+    step to step (a runtime division per step would cost more than the rest of the address
+    arithmetic). NESTED (the host's choice when a tap has many channel blocks) loops over taps,
+    then channel blocks: the per-tap work (bounds, offsets) is then done once per tap, and the
+    drain at each tap's end is amortised. x_rows: each output row's base pointer into x (h0,
+    w0: its top-left input pixel), w_cols: each output channel's into the weights, computed
+    once per tile. EVEN_C: C % BLOCK_K == 0, so no channel mask. SPATIAL_MASK: taps can fall
+    outside the image (padding, or a filter larger than 1x1)."""
     offs_k = tl.arange(0, BLOCK_K)
-    # The step's tap and first channel are carried from step to step (a runtime division per
-    # step would cost more than the rest of the address arithmetic).
-    tap = 0
-    c0 = 0
-    for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
-        c = c0 + offs_k
-        r = tap // S
-        s = tap - r * S
-        dh = r * dil_h
-        dw = s * dil_w
-        valid = mask_m
-        if SPATIAL_MASK:
-            # 0 <= h < H as one unsigned comparison (a negative h wraps to a huge value)
-            valid = (valid & ((h0 + dh).to(tl.uint32) < H.to(tl.uint32))
-                     & ((w0 + dw).to(tl.uint32) < W.to(tl.uint32)))
-        if INDEX_64:
-            c = c.to(tl.int64)
-            a_off = dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw + c * stride_xc
-        else:
-            a_off = dh * stride_xh + dw * stride_xw + c * stride_xc
-        mask_c = c < C
-        if EVEN_C:
-            mask_a = valid[:, None]
-            mask_b = mask_n[None, :]
-        else:
-            mask_a = valid[:, None] & mask_c[None, :]
-            mask_b = mask_c[:, None] & mask_n[None, :]
-        a = tl.load(x_rows[:, None] + a_off[None, :], mask=mask_a, other=0.0)
-        if PROLOGUE:
-            a = _bn_relu_prologue(a, c, mask_c, valid[:, None] & mask_c[None, :], scale_ptr,
-                                  shift_ptr)
-        b = tl.load(w_cols[None, :] + (r * stride_wr + s * stride_ws + c * stride_wc)[:, None],
-                    mask=mask_b, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        c0 += BLOCK_K
-        next_tap = c0 >= C
-        tap = tl.where(next_tap, tap + 1, tap)
-        c0 = tl.where(next_tap, 0, c0)
+    if NESTED:
+        for tap in range(0, R * S):
+            valid, x_off, w_off = _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw,
+                                       stride_wr, stride_ws, dil_h, dil_w, S, SPATIAL_MASK,
+                                       INDEX_64)
+            for c0 in range(0, C, BLOCK_K):
+                c = c0 + offs_k
+                if INDEX_64:
+                    c = c.to(tl.int64)
+                acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
+                                       stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C,
+                                       UPCAST, INPUT_PRECISION, PROLOGUE)
+    else:
+        tap = 0
+        c0 = 0
+        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+            valid, x_off, w_off = _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw,
+                                       stride_wr, stride_ws, dil_h, dil_w, S, SPATIAL_MASK,
+                                       INDEX_64)
+            c = c0 + offs_k
+            if INDEX_64:
+                c = c.to(tl.int64)
+            acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
+                                   stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C, UPCAST,
+                                   INPUT_PRECISION, PROLOGUE)
+            c0 += BLOCK_K
+            next_tap = c0 >= C
+            tap = tl.where(next_tap, tap + 1, tap)
+            c0 = tl.where(next_tap, 0, c0)
     return acc
 
 
@@ -166,7 +205,7 @@ def fused_conv2d_kernel(
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
         APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, EVEN_C: tl.constexpr,
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
-        RES_ROWS_DENSE: tl.constexpr, UPCAST: tl.constexpr,
+        RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
         STATS: tl.constexpr, STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -186,7 +225,8 @@ def fused_conv2d_kernel(
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
     of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N).
     Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
-    C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), SPATIAL_MASK (taps can leave the
+    C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), NESTED (loop over taps, then
+    channel blocks, for many channel blocks per tap), SPATIAL_MASK (taps can leave the
     image), OUT_ROWS_DENSE / RES_ROWS_DENSE (the output's / residual's row m = (n, p, q) sits
     at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed)."""
     M = N * P * Q
@@ -233,14 +273,14 @@ def fused_conv2d_kernel(
         acc = _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                                dil_h, dil_w, scale_ptr, shift_ptr, R, S, EVEN_C, SPATIAL_MASK,
-                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
+                               NESTED, UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
     if HAS_SHORTCUT:
         # A second loop: one loop over both reductions would have to select between two base
         # pointers per step, which costs Triton the operands' alignment (no cp.async, spills).
         acc = _accumulate_taps(acc, x2_rows, w2_cols, h0, w0, mask_m, mask_n, C2, H2, W2,
                                stride_x2c, 0, 0, stride_w2c, 0, 0, 1, 1, scale_ptr, shift_ptr,
-                               1, 1, EVEN_C2, False, UPCAST, INPUT_PRECISION, INDEX_64, False,
-                               BLOCK_K)
+                               1, 1, EVEN_C2, False, False, UPCAST, INPUT_PRECISION, INDEX_64,
+                               False, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

@@ -38,11 +38,18 @@ def use_flat_reduction(C: int, R: int, S: int) -> bool:
     return C < 32 and R * S > 1
 
 
+# A filter tap with at least this many channel blocks loops over its channels in an inner loop
+# of its own (NESTED): as compiled for sm_90, one flat loop then costs more instructions per
+# tile (per-step tap bookkeeping) than it saves in pipeline drains (compile-check --sass).
+NESTED_MIN_CHANNEL_BLOCKS = 4
+
 # The channel-mask-free loop needs C % BLOCK_K == 0, and BLOCK_K comes with the config: these
-# two constexprs are derived per launch from whichever config runs (autotuned or not).
+# constexprs are derived per launch from whichever config runs (autotuned or not).
 _kernel = triton.heuristics(values={
     "EVEN_C": lambda args: args["C"] % args["BLOCK_K"] == 0,
     "EVEN_C2": lambda args: not args["HAS_SHORTCUT"] or args["C2"] % args["BLOCK_K"] == 0,
+    "NESTED": lambda args: (args["R"] * args["S"] > 1
+                            and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
 })(fused_conv2d_kernel)
 
 
