@@ -40,6 +40,7 @@ def round_to(v, dtype: tl.constexpr):
 
 @triton.jit
 def relu(v):
-    """max(v, 0) keeping NaN, as torch.relu does (-inf -> 0, +inf stays): a select, since
-    tl.maximum (and the GPU's max instruction) returns the non-NaN operand."""
-    return tl.where(v < 0, 0.0, v)
+    """max(v, 0) keeping NaN, as torch.relu does (-inf -> 0, +inf stays). A plain tl.maximum
+    (the GPU's max instruction) returns the non-NaN operand; the NaN-propagating max is one
+    instruction (FMNMX.NAN on sm_80+), half the compare + select it replaces."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
