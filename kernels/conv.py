@@ -92,24 +92,27 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
 
 
 @triton.jit
-def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
-                     stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C: tl.constexpr,
+def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x, k_off_w, valid,
+                     mask_n, C, scale_ptr, shift_ptr, EVEN_C: tl.constexpr,
                      UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                      PROLOGUE: tl.constexpr):
-    """acc += x[rows, tap, c] @ w[tap, c, cols] for one filter tap (the scalar offsets x_off,
-    w_off) and one block of channels c; rows outside the image (not valid) read zeros."""
-    mask_c = c < C
+    """acc += x[rows, tap, c0 + k] @ w[tap, c0 + k, cols] for one filter tap (the scalar offsets
+    x_off, w_off, channel c0 included) and one block of channels (k_off_x / k_off_w: the
+    block's channel offsets, computed once per tile); rows outside the image (not valid) read
+    zeros. Only one vector addition per operand and step: Triton's interpreter checks every
+    int32 vector operation for overflow, which made per-step index arithmetic its bottleneck."""
+    mask_c = offs_k < C - c0
     if EVEN_C:
         mask_a = valid[:, None]
         mask_b = mask_n[None, :]
     else:
         mask_a = valid[:, None] & mask_c[None, :]
         mask_b = mask_c[:, None] & mask_n[None, :]
-    a = tl.load(x_rows[:, None] + (x_off + c * stride_xc)[None, :], mask=mask_a, other=0.0)
+    a = tl.load(x_rows[:, None] + (x_off + k_off_x)[None, :], mask=mask_a, other=0.0)
     if PROLOGUE:
-        a = _bn_relu_prologue(a, c, mask_c, valid[:, None] & mask_c[None, :], scale_ptr,
-                              shift_ptr)
-    b = tl.load(w_cols[None, :] + (w_off + c * stride_wc)[:, None], mask=mask_b, other=0.0)
+        a = _bn_relu_prologue(a, c0 + offs_k, mask_c, valid[:, None] & mask_c[None, :],
+                              scale_ptr, shift_ptr)
+    b = tl.load(w_cols[None, :] + (w_off + k_off_w)[:, None], mask=mask_b, other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -117,24 +120,26 @@ def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
 
 
 @triton.jit
-def _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw, stride_wr, stride_ws, dil_h, dil_w,
-         S: tl.constexpr, SPATIAL_MASK: tl.constexpr, INDEX_64: tl.constexpr):
-    """For filter tap number `tap`: the rows whose input pixel is inside the image, and the
-    tap's scalar offsets into x and into the weights."""
+def _tap(tap, c0, h0, w0, mask_m, H, W, stride_xc, stride_xh, stride_xw, stride_wc,
+         stride_wr, stride_ws, dil_h, dil_w, S: tl.constexpr, SPATIAL_MASK: tl.constexpr,
+         INDEX_64: tl.constexpr):
+    """For filter tap number `tap` and first channel c0: the rows whose input pixel is inside
+    the image (0 <= h < H as one unsigned comparison: a negative h wraps to a huge value), and
+    the scalar offsets into x and into the weights."""
     r = tap // S
     s = tap - r * S
     dh = r * dil_h
     dw = s * dil_w
     valid = mask_m
     if SPATIAL_MASK:
-        # 0 <= h < H as one unsigned comparison (a negative h wraps to a huge value)
         valid = (valid & ((h0 + dh).to(tl.uint32) < H.to(tl.uint32))
                  & ((w0 + dw).to(tl.uint32) < W.to(tl.uint32)))
     if INDEX_64:
-        x_off = dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+        x_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+                 + c0.to(tl.int64) * stride_xc)
     else:
-        x_off = dh * stride_xh + dw * stride_xw
-    return valid, x_off, r * stride_wr + s * stride_ws
+        x_off = dh * stride_xh + dw * stride_xw + c0 * stride_xc
+    return valid, x_off, r * stride_wr + s * stride_ws + c0 * stride_wc
 
 
 @triton.jit
@@ -157,31 +162,35 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
     once per tile. EVEN_C: C % BLOCK_K == 0, so no channel mask. SPATIAL_MASK: taps can fall
     outside the image (padding, or a filter larger than 1x1)."""
     offs_k = tl.arange(0, BLOCK_K)
+    if INDEX_64:
+        k_off_x = offs_k.to(tl.int64) * stride_xc
+    else:
+        k_off_x = offs_k * stride_xc
+    k_off_w = offs_k * stride_wc
     if NESTED:
         for tap in range(0, R * S):
-            valid, x_off, w_off = _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw,
-                                       stride_wr, stride_ws, dil_h, dil_w, S, SPATIAL_MASK,
-                                       INDEX_64)
+            valid, x_off, w_off = _tap(tap, 0, h0, w0, mask_m, H, W, stride_xc, stride_xh,
+                                       stride_xw, stride_wc, stride_wr, stride_ws, dil_h, dil_w,
+                                       S, SPATIAL_MASK, INDEX_64)
             for c0 in range(0, C, BLOCK_K):
-                c = c0 + offs_k
                 if INDEX_64:
-                    c = c.to(tl.int64)
-                acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
-                                       stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C,
-                                       UPCAST, INPUT_PRECISION, PROLOGUE)
+                    c_x = c0.to(tl.int64) * stride_xc
+                else:
+                    c_x = c0 * stride_xc
+                acc = _accumulate_step(acc, x_rows, w_cols, x_off + c_x, w_off + c0 * stride_wc,
+                                       c0, offs_k, k_off_x, k_off_w, valid, mask_n, C,
+                                       scale_ptr, shift_ptr, EVEN_C, UPCAST, INPUT_PRECISION,
+                                       PROLOGUE)
     else:
         tap = 0
         c0 = 0
         for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
-            valid, x_off, w_off = _tap(tap, h0, w0, mask_m, H, W, stride_xh, stride_xw,
-                                       stride_wr, stride_ws, dil_h, dil_w, S, SPATIAL_MASK,
-                                       INDEX_64)
-            c = c0 + offs_k
-            if INDEX_64:
-                c = c.to(tl.int64)
-            acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c, valid, mask_n, C,
-                                   stride_xc, stride_wc, scale_ptr, shift_ptr, EVEN_C, UPCAST,
-                                   INPUT_PRECISION, PROLOGUE)
+            valid, x_off, w_off = _tap(tap, c0, h0, w0, mask_m, H, W, stride_xc, stride_xh,
+                                       stride_xw, stride_wc, stride_wr, stride_ws, dil_h, dil_w,
+                                       S, SPATIAL_MASK, INDEX_64)
+            acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x,
+                                   k_off_w, valid, mask_n, C, scale_ptr, shift_ptr, EVEN_C,
+                                   UPCAST, INPUT_PRECISION, PROLOGUE)
             c0 += BLOCK_K
             next_tap = c0 >= C
             tap = tl.where(next_tap, tap + 1, tap)
