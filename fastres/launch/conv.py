@@ -16,8 +16,9 @@ from fastres.launch import configs
 from fastres.launch.configs import STATS_CHUNK
 from fastres.launch.target import compiling_only
 
-# Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used.
-INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
+# Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used
+# (tests that need several channel blocks per tap, or nested ones, force small configs).
+INTERPRETER_CONFIG = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=256, GROUP_M=8)
 
 _launches = 0
 _tuned_kernel = None
