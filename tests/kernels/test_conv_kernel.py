@@ -96,7 +96,7 @@ def test_both_reduction_orders(name, flat, device):
 # name: (case as in CASES, BLOCK_K): channel blocks that divide C (and C2), so the kernel drops
 # its channel masks (EVEN_C), and ones that do not; four or more channel blocks per filter tap,
 # which the kernel loops over in a loop of their own (NESTED). The interpreter's default block
-# (128) divides none of CASES' channel counts and nests none of them.
+# (BLOCK_K 256) divides none of CASES' channel counts and nests none of them.
 CHANNEL_BLOCK_CASES = {
     "3x3_even_c_residual": ((2, 32, 7, 6, 24, (3, 3), (1, 1), (1, 1), (1, 1), True, None, True), 16),
     "3x3_nested_even_c": ((2, 64, 6, 5, 24, (3, 3), (1, 1), (1, 1), (1, 1), False, None, True), 16),
