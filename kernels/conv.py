@@ -199,6 +199,19 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
 
 
 @triton.jit
+def _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_n, stride_c, stride_h, stride_w,
+                  ROWS_DENSE: tl.constexpr):
+    """int64 element offsets of an output-shaped (N, K, P, Q) tile: row m = (n, p, q), column
+    k. ROWS_DENSE: row m sits at m * stride_w (dense channels_last), so (n, p, q) is not used."""
+    if ROWS_DENSE:
+        rows = offs_m.to(tl.int64) * stride_w
+    else:
+        rows = (n_idx.to(tl.int64) * stride_n + p_idx.to(tl.int64) * stride_h
+                + q_idx.to(tl.int64) * stride_w)
+    return rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def fused_conv2d_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, shift_ptr, stats_ptr,
         N, C, H, W, K, P, Q, C2, H2, W2,
@@ -312,19 +325,11 @@ def fused_conv2d_kernel(
         tl.store(stats_ptr + s_off, mean, mask=s_mask)
         tl.store(stats_ptr + s_off + K, m2, mask=s_mask)
     if HAS_RESIDUAL:
-        if RES_ROWS_DENSE:
-            r_row = offs_m.to(tl.int64) * stride_rw
-        else:
-            r_row = (n_idx.to(tl.int64) * stride_rn + p_idx.to(tl.int64) * stride_rh
-                     + q_idx.to(tl.int64) * stride_rw)
-        r_off = r_row[:, None] + offs_n.to(tl.int64)[None, :] * stride_rc
+        r_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_rn, stride_rc,
+                              stride_rh, stride_rw, RES_ROWS_DENSE)
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = relu(acc)
-    if OUT_ROWS_DENSE:
-        o_row = offs_m.to(tl.int64) * stride_ow
-    else:
-        o_row = (n_idx.to(tl.int64) * stride_on + p_idx.to(tl.int64) * stride_oh
-                 + q_idx.to(tl.int64) * stride_ow)
-    o_off = o_row[:, None] + offs_n.to(tl.int64)[None, :] * stride_oc
+    o_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_on, stride_oc, stride_oh,
+                          stride_ow, OUT_ROWS_DENSE)
     tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)
