@@ -25,6 +25,11 @@ Compile-time options (one kernel, no near-copies):
   PROLOGUE        apply a per-input-channel fp32 scale/shift and ReLU to x as it is loaded (the
                   previous layer's training-mode BatchNorm + ReLU, fused into this conv's loads);
                   padding stays zero, as it is zero in the unfused graph after that ReLU
+  TMA             load both operands through tensor descriptors (TMA on sm_90): for a 1x1,
+                  stride-1, unpadded conv of a dense channels_last x, x is the 2-D [N*H*W, C]
+                  matrix and the weight the [K, C] one, a plain GEMM whose out-of-range rows and
+                  channels the descriptors fill with zeros: no address arithmetic, no masks
+  TMA_SHORTCUT    the same for the shortcut GEMM (a stride-1 downsample conv)
   STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
                   sum of squared deviations (M2) of the output (fp32): batch statistics for a
                   training-mode BatchNorm, merged stably by kernels/bn_finalize.py
@@ -93,14 +98,16 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
 
 @triton.jit
 def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x, k_off_w, valid,
-                     mask_n, C, scale_ptr, shift_ptr, EVEN_C: tl.constexpr,
-                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                     PROLOGUE: tl.constexpr):
+                     mask_n, C, scale_ptr, shift_ptr, x_desc, w_desc, m0, n0,
+                     EVEN_C: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     PROLOGUE: tl.constexpr, TMA: tl.constexpr):
     """acc += x[rows, tap, c0 + k] @ w[tap, c0 + k, cols] for one filter tap (the scalar offsets
     x_off, w_off, channel c0 included) and one block of channels (k_off_x / k_off_w: the
     block's channel offsets, computed once per tile); rows outside the image (not valid) read
     zeros. Only one vector addition per operand and step: Triton's interpreter checks every
-    int32 vector operation for overflow, which made per-step index arithmetic its bottleneck."""
+    int32 vector operation for overflow, which made per-step index arithmetic its bottleneck.
+    TMA (a 1x1 conv): both tiles come from the descriptors instead, at rows m0 of x and n0 of
+    the weight, column c0."""
     mask_c = offs_k < C - c0
     if EVEN_C:
         mask_a = valid[:, None]
@@ -108,11 +115,17 @@ def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x, k_o
     else:
         mask_a = valid[:, None] & mask_c[None, :]
         mask_b = mask_c[:, None] & mask_n[None, :]
-    a = tl.load(x_rows[:, None] + (x_off + k_off_x)[None, :], mask=mask_a, other=0.0)
+    if TMA:
+        a = x_desc.load([m0, c0])
+    else:
+        a = tl.load(x_rows[:, None] + (x_off + k_off_x)[None, :], mask=mask_a, other=0.0)
     if PROLOGUE:
         a = _bn_relu_prologue(a, c0 + offs_k, mask_c, valid[:, None] & mask_c[None, :],
                               scale_ptr, shift_ptr)
-    b = tl.load(w_cols[None, :] + (w_off + k_off_w)[:, None], mask=mask_b, other=0.0)
+    if TMA:
+        b = w_desc.load([n0, c0]).T
+    else:
+        b = tl.load(w_cols[None, :] + (w_off + k_off_w)[:, None], mask=mask_b, other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -145,11 +158,11 @@ def _tap(tap, c0, h0, w0, mask_m, H, W, stride_xc, stride_xh, stride_xw, stride_
 @triton.jit
 def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                     dil_h, dil_w, scale_ptr, shift_ptr,
+                     dil_h, dil_w, scale_ptr, shift_ptr, x_desc, w_desc, m0, n0,
                      R: tl.constexpr, S: tl.constexpr, EVEN_C: tl.constexpr,
                      SPATIAL_MASK: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                     PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PROLOGUE: tl.constexpr, TMA: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += the conv, one step per (filter tap, block of BLOCK_K channels).
 
     By default all steps form ONE loop, so that Triton pipelines the loads across taps instead
@@ -160,7 +173,8 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
     drain at each tap's end is amortised. x_rows: each output row's base pointer into x (h0,
     w0: its top-left input pixel), w_cols: each output channel's into the weights, computed
     once per tile. EVEN_C: C % BLOCK_K == 0, so no channel mask. SPATIAL_MASK: taps can fall
-    outside the image (padding, or a filter larger than 1x1)."""
+    outside the image (padding, or a filter larger than 1x1). TMA: load through x_desc and
+    w_desc (a 1x1 conv; m0, n0: the tile's first row and output channel)."""
     offs_k = tl.arange(0, BLOCK_K)
     if INDEX_64:
         k_off_x = offs_k.to(tl.int64) * stride_xc
@@ -179,8 +193,8 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                     c_x = c0 * stride_xc
                 acc = _accumulate_step(acc, x_rows, w_cols, x_off + c_x, w_off + c0 * stride_wc,
                                        c0, offs_k, k_off_x, k_off_w, valid, mask_n, C,
-                                       scale_ptr, shift_ptr, EVEN_C, UPCAST, INPUT_PRECISION,
-                                       PROLOGUE)
+                                       scale_ptr, shift_ptr, x_desc, w_desc, m0, n0, EVEN_C,
+                                       UPCAST, INPUT_PRECISION, PROLOGUE, TMA)
     else:
         tap = 0
         c0 = 0
@@ -189,8 +203,9 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                        stride_xw, stride_wc, stride_wr, stride_ws, dil_h, dil_w,
                                        S, SPATIAL_MASK, INDEX_64)
             acc = _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x,
-                                   k_off_w, valid, mask_n, C, scale_ptr, shift_ptr, EVEN_C,
-                                   UPCAST, INPUT_PRECISION, PROLOGUE)
+                                   k_off_w, valid, mask_n, C, scale_ptr, shift_ptr, x_desc,
+                                   w_desc, m0, n0, EVEN_C, UPCAST, INPUT_PRECISION, PROLOGUE,
+                                   TMA)
             c0 += BLOCK_K
             next_tap = c0 >= C
             tap = tl.where(next_tap, tap + 1, tap)
@@ -214,6 +229,7 @@ def _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_n, stride_c, strid
 @triton.jit
 def fused_conv2d_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, shift_ptr, stats_ptr,
+        x_desc, w_desc, x2_desc, w2_desc,
         N, C, H, W, K, P, Q, C2, H2, W2,
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wk, stride_wc, stride_wr, stride_ws,
@@ -229,7 +245,8 @@ def fused_conv2d_kernel(
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
-        STATS: tl.constexpr, STATS_CHUNK: tl.constexpr,
+        TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, STATS: tl.constexpr,
+        STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """out = relu?(conv(prologue?(x), w) + bias + conv1x1(x2, w2) + residual), stats of it.
@@ -244,13 +261,17 @@ def fused_conv2d_kernel(
       out_ptr    output (N, K, P, Q), strides stride_o{n,c,h,w}; its dtype is the store's
       scale_ptr, shift_ptr   fp32 (C,) prologue BN scale/shift       [PROLOGUE]
       stats_ptr  fp32 (cdiv(N*P*Q, STATS_CHUNK), 2, K) per-chunk (mean, M2)   [STATS]
+      x_desc, w_desc     descriptors of x as [N*H*W, C], block [BLOCK_M, BLOCK_K], and of w
+                 as [K, C], block [BLOCK_N, BLOCK_K]                  [TMA]
+      x2_desc, w2_desc   the same for x2 and w2                       [TMA_SHORTCUT]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
     of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N).
     Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
     C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), NESTED (loop over taps, then
     channel blocks, for many channel blocks per tap), SPATIAL_MASK (taps can leave the
     image), OUT_ROWS_DENSE / RES_ROWS_DENSE (the output's / residual's row m = (n, p, q) sits
-    at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed)."""
+    at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed),
+    TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
     M = N * P * Q
     # Grouped launch order: GROUP_M row-tiles share each column tile so weights stay in L2.
     pid = tl.program_id(0)
@@ -294,15 +315,17 @@ def fused_conv2d_kernel(
     else:
         acc = _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                               dil_h, dil_w, scale_ptr, shift_ptr, R, S, EVEN_C, SPATIAL_MASK,
-                               NESTED, UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
+                               dil_h, dil_w, scale_ptr, shift_ptr, x_desc, w_desc,
+                               pid_m * BLOCK_M, pid_n * BLOCK_N, R, S, EVEN_C, SPATIAL_MASK,
+                               NESTED, UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, TMA, BLOCK_K)
     if HAS_SHORTCUT:
         # A second loop: one loop over both reductions would have to select between two base
         # pointers per step, which costs Triton the operands' alignment (no cp.async, spills).
         acc = _accumulate_taps(acc, x2_rows, w2_cols, h0, w0, mask_m, mask_n, C2, H2, W2,
                                stride_x2c, 0, 0, stride_w2c, 0, 0, 1, 1, scale_ptr, shift_ptr,
-                               1, 1, EVEN_C2, False, False, UPCAST, INPUT_PRECISION, INDEX_64,
-                               False, BLOCK_K)
+                               x2_desc, w2_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 1, 1, EVEN_C2,
+                               False, False, UPCAST, INPUT_PRECISION, INDEX_64, False,
+                               TMA_SHORTCUT, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

@@ -137,10 +137,11 @@ def candidate_configs(*, M: int, C: int, K: int, R: int, S: int, flat: bool, ele
     return kept or stats_ok[:1]
 
 
-def all_tuning_configs() -> list:
-    """Every curated config once, as triton.Config objects (the autotuner's full list)."""
+def all_tuning_configs(pre_hook=None) -> list:
+    """Every curated config once, as triton.Config objects (the autotuner's full list), each
+    with pre_hook (run before each launch with that config)."""
     return [triton.Config({k: c[k] for k in _META_KEYS}, num_warps=c["num_warps"],
-                          num_stages=c["num_stages"]) for c in all_configs()]
+                          num_stages=c["num_stages"], pre_hook=pre_hook) for c in all_configs()]
 
 
 def prune_to_shape_class(configs, named_args, **kwargs):

@@ -5,16 +5,17 @@ Validation of user input happens in fastres.ops; this only asserts the layout it
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastres.kernels.common import INTERPRETED
 from fastres.kernels.conv import fused_conv2d_kernel
 from fastres.launch import configs
 from fastres.launch.configs import STATS_CHUNK
-from fastres.launch.target import compiling_only
+from fastres.launch.target import compiling_only, current_target
 
 # Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used
 # (tests that need several channel blocks per tap, or nested ones, force small configs).
@@ -51,13 +52,62 @@ _kernel = triton.heuristics(values={
     "EVEN_C2": lambda args: not args["HAS_SHORTCUT"] or args["C2"] % args["BLOCK_K"] == 0,
     "NESTED": lambda args: (args["R"] * args["S"] > 1
                             and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
+    "TMA": lambda args: args["x_desc"] is not None,
+    "TMA_SHORTCUT": lambda args: args["x2_desc"] is not None,
 })(fused_conv2d_kernel)
+
+# TMA needs sm_90 and 16-byte aligned base addresses and row strides.
+TMA_MIN_ARCH = 90
+TMA_ALIGN_BYTES = 16
+MIN_DESCRIPTOR_BLOCK = 16  # a descriptor's block shape until the config's is set
+
+
+def set_descriptor_blocks(nargs: dict) -> None:
+    """Give the launch's tensor descriptors the block shapes of the config it runs with (also a
+    triton.Config pre_hook: the autotuner times each config with its own blocks)."""
+    for x_name, w_name in (("x_desc", "w_desc"), ("x2_desc", "w2_desc")):
+        if nargs.get(x_name) is not None:
+            nargs[x_name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+            nargs[w_name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _aligned(t, stride: int) -> bool:
+    return (t.data_ptr() % TMA_ALIGN_BYTES == 0 and stride * t.element_size() % TMA_ALIGN_BYTES == 0
+            and t.numel() > 0)
+
+
+def gemm_descriptors(x, weight, stride, padding) -> Tuple[Optional[TensorDescriptor], ...]:
+    """Tensor descriptors (x as the [N*H*W, C] matrix, the weight as the [K, C] one) when the
+    conv is a plain GEMM that TMA can load: 1x1, stride 1, unpadded, x dense channels_last and
+    the weight's channels contiguous, both 16-byte aligned; else (None, None). Block shapes
+    are set per config by set_descriptor_blocks.
+
+    Only 1x1 convs: for a 3x3 (and a strided 1x1), loading the weight alone by TMA beside
+    pointer loads of x compiled for sm_90 to more instructions per tile, not fewer
+    (compile-check --sass: +3% to +40%)."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    if not (R == S == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+            and x.stride(1) == 1 and _rows_dense(x) and _aligned(x, x.stride(3))
+            and weight.stride(1) == 1 and _aligned(weight, weight.stride(0))):
+        return None, None
+    return (TensorDescriptor(x, [N * H * W, C], [x.stride(3), 1], [MIN_DESCRIPTOR_BLOCK] * 2),
+            TensorDescriptor(weight, [K, C], [weight.stride(0), 1], [MIN_DESCRIPTOR_BLOCK] * 2))
+
+
+def use_tma(tma: Optional[bool]) -> bool:
+    """Whether to load plain-GEMM operands by TMA. tma: None = on targets that have it (sm_90+),
+    not under the interpreter (whose tensor descriptors the tests exercise with True); True =
+    there too; False = never. FASTRES_TMA=0 turns it off (A/B comparisons on a GPU)."""
+    if os.environ.get("FASTRES_TMA", "1") == "0" or tma is False:
+        return False
+    return (tma and INTERPRETED) or (not INTERPRETED and current_target().arch >= TMA_MIN_ARCH)
 
 
 def _build_tuned_kernel():
     """The autotuned kernel for real GPUs: every curated config, pruned to the shape's class."""
     return triton.autotune(
-        configs=configs.all_tuning_configs(),
+        configs=configs.all_tuning_configs(pre_hook=set_descriptor_blocks),
         key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL", "PROLOGUE",
              "STATS"],
         prune_configs_by={"early_config_prune": configs.prune_to_shape_class},
@@ -102,7 +152,8 @@ def _rows_dense(t) -> bool:
 
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
                  stride2, relu: bool, fp32_precision: str = "ieee", flat_reduction=None,
-                 index_64=None, prologue=None, stats=None, config: Optional[dict] = None):
+                 index_64=None, prologue=None, stats=None, config: Optional[dict] = None,
+                 tma: Optional[bool] = None):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
 
     x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
@@ -112,6 +163,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     stats: fp32 (stats_chunks(M), 2, K) to fill with per-chunk (mean, M2) of the output.
     flat_reduction / index_64: None chooses by the problem; tests force each variant.
     config: a conv_configs.json entry to launch with instead of the chosen one.
+    tma: load the main and the shortcut GEMM through tensor descriptors where they are plain
+    GEMMs (gemm_descriptors); None = on sm_90+ GPUs (use_tma).
     """
     global _launches
     N, C, H, W = x.shape
@@ -141,6 +194,14 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
                                     x.element_size(), config)
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
+    x_desc = w_desc = x2_desc = w2_desc = None
+    if use_tma(tma):
+        x_desc, w_desc = gemm_descriptors(x, weight, stride, padding)
+        if has_shortcut and (H2, W2) == (P, Q):
+            x2_desc, w2_desc = gemm_descriptors(x2, weight2, stride2, (0, 0))
+    if meta:  # the config is known now (the autotuner sets the blocks itself, per config)
+        set_descriptor_blocks(dict(meta, x_desc=x_desc, w_desc=w_desc, x2_desc=x2_desc,
+                                   w2_desc=w2_desc))
 
     def grid(m):
         return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)
@@ -148,6 +209,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         x2, weight2, out, scale, shift, stats if stats is not None else out,
+        x_desc, w_desc, x2_desc, w2_desc,
         N, C, H, W, K, P, Q, C2, H2, W2,
         *x.stride(), *weight.stride(), *x2_strides, w2_strides[0], w2_strides[1], *res_strides,
         *out.stride(),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format, relative_error, to_format
 
 from fastres import conv_bn_act
+from fastres.kernels.common import INTERPRETED
 from fastres.launch import configs
 from fastres.launch import conv as conv_launch
 
@@ -237,4 +238,97 @@ def test_autotuner_prunes_to_the_shape_class():
     assert configs.fits_shared_memory(128, 128, 64, 3, 4)  # 192 KiB: fits
     assert configs.fits_shared_memory(128, 128, 64, 3, 4, stats=True)  # 225 KiB compiled
     assert configs.fits_shared_memory(128, 256, 64, 3, 2, stats=True)  # fp16: 161 KiB
-    assert conv_launch._build_tuned_kernel() is not None  # the autotuner accepts the configs
+    tuned = conv_launch._build_tuned_kernel()  # the autotuner accepts the configs
+    # each of which gives the tensor descriptors (if any) its own block shapes
+    assert all(c.pre_hook is conv_launch.set_descriptor_blocks for c in tuned.configs)
+
+
+# Plain GEMMs (1x1, stride 1, unpadded, dense channels_last), whose operands sm_90 loads by TMA:
+# name: (case as in CASES, TMA for the shortcut GEMM too). C = 40 is not a multiple of BLOCK_K
+# (the descriptor's zero fill ends the channels), nor M = N*P*Q of BLOCK_M (it ends the rows).
+TMA_CASES = {
+    "1x1_uneven_c_residual": ((2, 40, 7, 9, 24, (1, 1), (1, 1), (0, 0), (1, 1), True, None, True), False),
+    "1x1_dual_gemm_s1": ((2, 32, 5, 5, 20, (1, 1), (1, 1), (0, 0), (1, 1), False, (48, 1), True), True),
+    "1x1_dual_gemm_s2": ((2, 32, 5, 5, 20, (1, 1), (1, 1), (0, 0), (1, 1), False, (48, 2), False), False),
+}
+TMA_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+def record_constexprs(monkeypatch) -> dict:
+    """The constexprs of the next fused-conv launches, as the kernel receives them."""
+    seen = {}
+    kernel = conv_launch._kernel.fn
+    real_run = kernel.run
+
+    def run(*args, **kwargs):
+        seen.update(kwargs)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    return seen
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(TMA_CASES))
+def test_tma_gemm_path(name, dtype, prologue, device, monkeypatch):
+    """The tensor-descriptor loads (forced on: by default only sm_90 GPUs use them) against the
+    float64 reference, with the training prologue (BN + ReLU applied to the loaded x) too."""
+    case, tma_shortcut = TMA_CASES[name]
+    c = make_case(case, dtype, torch.channels_last, device)
+    N, K, P, Q = c["shape"]
+    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
+                      torch.channels_last)
+    out = guard[1:N + 1]
+    x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
+    scale_shift = None
+    ref_case = c
+    if prologue:
+        C = c["x"].shape[1]
+        scale_shift = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device))
+        x_act = torch.relu(c["x"].double() * scale_shift[0].double()[:, None, None]
+                           + scale_shift[1].double()[:, None, None]).to(dtype)
+        ref_case = dict(c, x=x_act)
+    seen = record_constexprs(monkeypatch)
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+                              c["padding"], c["dilation"], s2, c["relu"], "ieee",
+                              prologue=scale_shift, config=TMA_CONFIG, tma=True)
+    tma = conv_launch.use_tma(True)  # the interpreter and sm_90+ GPUs: the test is for them
+    assert seen["TMA"] == tma and seen["TMA_SHORTCUT"] == (tma and tma_shortcut)
+    assert_close(out, reference(ref_case), dtype, c["L"])
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+
+
+def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
+    """gemm_descriptors refuses what a 2-D descriptor cannot describe, so those convs keep the
+    pointer loads; by default (None) only sm_90+ GPUs use TMA, and FASTRES_TMA=0 turns it off."""
+    def descriptors(x, w, stride=(1, 1), padding=(0, 0)):
+        return conv_launch.gemm_descriptors(x, w, stride, padding)
+
+    x = torch.randn(2, 32, 5, 5, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 32, 1, 1, device=device, dtype=torch.float16)
+    x_desc, w_desc = descriptors(x, w)
+    assert x_desc.shape == [50, 32] and x_desc.strides == [32, 1]
+    assert w_desc.shape == [16, 32] and w_desc.strides == [32, 1]
+    conv_launch.set_descriptor_blocks(dict(TMA_CONFIG, x_desc=x_desc, w_desc=w_desc))
+    assert x_desc.block_shape == [32, 16] and w_desc.block_shape == [16, 16]
+    refused = {
+        "NCHW": (x.contiguous(), w),
+        "3x3": (x, torch.randn(16, 32, 3, 3, device=device, dtype=torch.float16)),
+        "rows not 16-byte aligned (C = 20 in fp16)": (
+            torch.randn(2, 20, 5, 5, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last),
+            torch.randn(16, 20, 1, 1, device=device, dtype=torch.float16)),
+        "base not 16-byte aligned": (torch.randn(2 * 25 * 32 + 1, device=device, dtype=torch.float16)[1:]
+                                     .view(2, 5, 5, 32).permute(0, 3, 1, 2), w),
+        "a cropped image (rows not dense)": (x[:, :, :4], w),
+    }
+    for why, (xi, wi) in refused.items():
+        assert descriptors(xi, wi) == (None, None), why
+    # A channel slice of a channels_last tensor is still a plain GEMM (rows 32 apart).
+    assert descriptors(x[:, :16], w[:, :16])[0].strides == [32, 1]
+    assert descriptors(x, w, stride=(2, 2)) == (None, None)
+    assert descriptors(x, w, padding=(1, 1)) == (None, None)
+    if INTERPRETED:  # by default the interpreter keeps pointer loads; True forces descriptors
+        assert not conv_launch.use_tma(None) and conv_launch.use_tma(True)
+    monkeypatch.setenv("FASTRES_TMA", "0")
+    assert not conv_launch.use_tma(True)
