@@ -18,6 +18,9 @@ Compile-time options (one kernel, no near-copies):
                   compile time, instead of one filter tap's block of channels per step; used
                   when C is small (the 7x7 stem has C = 3), where padding each tap's channel
                   block up to BLOCK_K would waste most of the work
+  ROW_SPAN        with FLAT_C: x channels_last and the weight (K, R, S, C), so one filter row's
+                  S*C elements are contiguous in both, and S*C <= BLOCK_K: each step reads one
+                  filter row (the stem: 7 steps of 21 elements, with no index division per step)
   UPCAST          convert loaded operands to fp32 before tl.dot; needed under Triton's
                   interpreter, which holds bf16 as raw uint16 and gets bf16 dot products wrong
   INPUT_PRECISION "tf32" or "ieee" for fp32 operands on the GPU (ignored for fp16/bf16)
@@ -60,39 +63,75 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                      R: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
                      SPATIAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                     PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PROLOGUE: tl.constexpr, ROW_SPAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += the conv over the flattened (r, s, c) index, C a compile-time constant: the stem
     (C = 3), where padding each tap's channels to BLOCK_K would waste most of the work.
-    x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel)."""
+    x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel).
+
+    ROW_SPAN (x channels_last with its pixels C apart, the weight (K, R, S, C), no dilation
+    along w, S*C <= BLOCK_K; the host decides): for one filter row r, the S*C elements (s, c) an output pixel reads
+    are contiguous in x, and in the weight, so each step reads one filter row at offsets j =
+    s*C + c that are the same in every step: the column bounds (0 <= w0 + s < W) are computed
+    once per tile, and a step costs a row check and one scalar offset."""
     offs_k = tl.arange(0, BLOCK_K)
-    red = R * S * C
-    for k0 in range(0, red, BLOCK_K):
-        kk = k0 + offs_k
-        c = kk % C
-        r = kk // (S * C)
-        s = (kk // C) % S
-        dh = r * dil_h
-        dw = s * dil_w
-        mask_k = kk < red
-        mask_a = mask_m[:, None] & mask_k[None, :]
+    if ROW_SPAN:
+        in_span = offs_k < S * C
+        span_c = offs_k % C
+        mask_span = mask_m[:, None] & in_span[None, :]
         if SPATIAL_MASK:
-            h = h0[:, None] + dh[None, :]
-            w = w0[:, None] + dw[None, :]
-            mask_a = mask_a & (h.to(tl.uint32) < H.to(tl.uint32)) & (w.to(tl.uint32) < W.to(tl.uint32))
+            w = w0[:, None] + (offs_k // C)[None, :]
+            mask_span = mask_span & (w.to(tl.uint32) < W.to(tl.uint32))
+        mask_b = in_span[:, None] & mask_n[None, :]
         if INDEX_64:
-            k_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
-                     + c.to(tl.int64) * stride_xc)
+            k_off_x = offs_k.to(tl.int64)
         else:
-            k_off = dh * stride_xh + dw * stride_xw + c * stride_xc
-        a = tl.load(x_rows[:, None] + k_off[None, :], mask=mask_a, other=0.0)
-        if PROLOGUE:
-            a = _bn_relu_prologue(a, c, mask_k, mask_a, scale_ptr, shift_ptr)
-        b = tl.load(w_cols[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            k_off_x = offs_k
+        for row in range(0, R):
+            row_dh = row * dil_h
+            mask_a = mask_span
+            if SPATIAL_MASK:
+                mask_a = mask_a & ((h0 + row_dh).to(tl.uint32) < H.to(tl.uint32))[:, None]
+            if INDEX_64:
+                x_off = row_dh.to(tl.int64) * stride_xh
+            else:
+                x_off = row_dh * stride_xh
+            a = tl.load(x_rows[:, None] + (x_off + k_off_x)[None, :], mask=mask_a, other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_prologue(a, span_c, in_span, mask_a, scale_ptr, shift_ptr)
+            b = tl.load(w_cols[None, :] + (row * stride_wr + offs_k)[:, None], mask=mask_b, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        red = R * S * C
+        for k0 in range(0, red, BLOCK_K):
+            kk = k0 + offs_k
+            c = kk % C
+            r = kk // (S * C)
+            s = (kk // C) % S
+            dh = r * dil_h
+            dw = s * dil_w
+            mask_k = kk < red
+            mask_a = mask_m[:, None] & mask_k[None, :]
+            if SPATIAL_MASK:
+                h = h0[:, None] + dh[None, :]
+                w = w0[:, None] + dw[None, :]
+                mask_a = mask_a & (h.to(tl.uint32) < H.to(tl.uint32)) & (w.to(tl.uint32) < W.to(tl.uint32))
+            if INDEX_64:
+                k_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+                         + c.to(tl.int64) * stride_xc)
+            else:
+                k_off = dh * stride_xh + dw * stride_xw + c * stride_xc
+            a = tl.load(x_rows[:, None] + k_off[None, :], mask=mask_a, other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_prologue(a, c, mask_k, mask_a, scale_ptr, shift_ptr)
+            b = tl.load(w_cols[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -241,7 +280,7 @@ def fused_conv2d_kernel(
         shortcut_stride_h, shortcut_stride_w,
         R: tl.constexpr, S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, EVEN_C: tl.constexpr,
+        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, ROW_SPAN: tl.constexpr, EVEN_C: tl.constexpr,
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -311,7 +350,7 @@ def fused_conv2d_kernel(
         acc = _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                                dil_h, dil_w, scale_ptr, shift_ptr, R, S, FLAT_C, SPATIAL_MASK,
-                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, BLOCK_K)
+                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, ROW_SPAN, BLOCK_K)
     else:
         acc = _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,

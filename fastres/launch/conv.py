@@ -52,6 +52,7 @@ _kernel = triton.heuristics(values={
     "EVEN_C2": lambda args: not args["HAS_SHORTCUT"] or args["C2"] % args["BLOCK_K"] == 0,
     "NESTED": lambda args: (args["R"] * args["S"] > 1
                             and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
+    "ROW_SPAN": lambda args: args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"]),
     "TMA": lambda args: args["x_desc"] is not None,
     "TMA_SHORTCUT": lambda args: args["x2_desc"] is not None,
 })(fused_conv2d_kernel)
@@ -102,6 +103,23 @@ def use_tma(tma: Optional[bool]) -> bool:
     if os.environ.get("FASTRES_TMA", "1") == "0" or tma is False:
         return False
     return (tma and INTERPRETED) or (not INTERPRETED and current_target().arch >= TMA_MIN_ARCH)
+
+
+def row_span_fits(S: int, C: int, block_k: int) -> bool:
+    """Whether the flattened reduction reads one filter row (S*C elements) per step: it must fit
+    BLOCK_K, and fill more than half of it (a 64-wide step would do 7 steps of 21 elements where
+    the plain flattened loop does 3 of 64)."""
+    return C > 0 and S * C <= block_k < 2 * S * C
+
+
+def row_span_layout(x, weight, dilation) -> bool:
+    """Whether each filter row's (s, c) elements are contiguous in x (channels_last, pixels C
+    apart, no dilation along w) and in the weight ((K, R, S, C) layout): the flattened
+    reduction's ROW_SPAN order (kernels/conv.py)."""
+    C = x.shape[1]
+    S = weight.shape[3]
+    return (x.stride(1) == 1 and x.stride(3) == C and dilation[1] == 1
+            and weight.stride(1) == 1 and weight.stride(3) == C and weight.stride(2) == S * C)
 
 
 def _build_tuned_kernel():
@@ -217,6 +235,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         stride2[0], stride2[1],
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_C=C if flat_reduction else 0,
+        ROW_SPAN=flat_reduction and row_span_layout(x, weight, dilation),  # refined per config
         SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
         OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),
         UPCAST=upcast, INPUT_PRECISION=fp32_precision, INDEX_64=index_64,

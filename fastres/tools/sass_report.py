@@ -24,7 +24,8 @@ one never-touched CPU allocation). For each cubin:
     every loop around it. Trip counts come from the problem and the structure found, not
     assumed: a main loop inside a tap loop runs ceil(C/BLOCK_K) trips per tap and the tap loop
     R*S; a single main loop runs R*S*ceil(C/BLOCK_K) trips (ceil(R*S*C/BLOCK_K) with the flat
-    reduction); the shortcut GEMM's loop ceil(C2/BLOCK_K); loops without an MMA count once;
+    reduction, R with its row-span order: one filter row of S*C <= BLOCK_K per step); the
+    shortcut GEMM's loop ceil(C2/BLOCK_K); loops without an MMA count once;
   * "issue/tensor" = instructions per warp per tile x warps per SM sub-partition (num_warps/4)
     / tensor-core cycles of the tile at the dense rate (BLOCK_M*BLOCK_N*BLOCK_K*k_steps FMAs at
     2048 per clock per SM for fp16/bf16, 1024 for tf32). Above 1, issuing the instructions
@@ -561,8 +562,16 @@ class Layer:
         from fastres.launch.conv import use_flat_reduction
         return use_flat_reduction(self.C, self.R, self.S)
 
-    def reductions(self) -> List[Reduction]:
-        main = Reduction(self.C, self.R * self.S, self.flat)
+    def reductions(self, block_k: int) -> List[Reduction]:
+        """The kernel's reductions with this BLOCK_K. A flat one whose filter row (S*C elements)
+        suits a step is the kernel's ROW_SPAN order (the report's tensors are channels_last):
+        R steps of one filter row each, like R taps of S*C channels."""
+        from fastres.launch.conv import row_span_fits
+
+        if self.flat and row_span_fits(self.S, self.C, block_k):
+            main = Reduction(self.S * self.C, self.R)
+        else:
+            main = Reduction(self.C, self.R * self.S, self.flat)
         return [main] + ([Reduction(self.C2)] if self.epilogue == "shortcut" else [])
 
 
@@ -865,7 +874,8 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
                 M, N, Kg = gemm_sizes(layer)
                 tiles = math.ceil(M / cfg["BLOCK_M"]) * math.ceil(N / cfg["BLOCK_N"])
                 useful_n = N / (math.ceil(N / cfg["BLOCK_N"]) * cfg["BLOCK_N"])
-                numbers = kernel_numbers(conv, layer.reductions(), cfg, dtype, tiles, useful_n)
+                numbers = kernel_numbers(conv, layer.reductions(cfg["BLOCK_K"]), cfg, dtype, tiles,
+                                         useful_n)
                 ref_numbers = kernel_numbers(ref, [Reduction(Kg)], cfg, dtype, tiles, useful_n)
                 ratio = (None if None in (numbers["instr_per_tile"], ref_numbers["instr_per_tile"])
                          else round(numbers["instr_per_tile"] / ref_numbers["instr_per_tile"], 2))

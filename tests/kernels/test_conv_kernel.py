@@ -332,3 +332,34 @@ def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
         assert not conv_launch.use_tma(None) and conv_launch.use_tma(True)
     monkeypatch.setenv("FASTRES_TMA", "0")
     assert not conv_launch.use_tma(True)
+
+
+@pytest.mark.parametrize("variant", ["plain", "prologue", "index_64", "block_k_16", "block_k_64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_stem_row_span(dtype, variant, device, monkeypatch):
+    """The stem's ROW_SPAN reduction (channels_last x, (K, R, S, C) weight: one filter row's
+    S*C elements per step) with the training prologue and 64-bit offsets; with BLOCK_K below
+    S*C = 21, or at twice it and above, the kernel takes the flattened (r, s, c) loop instead."""
+    c = make_case(CASES["7x7_s2_p3_stem"], dtype, torch.channels_last, device)
+    assert conv_launch.row_span_layout(c["x"], c["w"], c["dilation"])
+    assert not conv_launch.row_span_layout(c["x"].contiguous(), c["w"], c["dilation"])
+    assert not conv_launch.row_span_layout(c["x"], c["w"].contiguous(), c["dilation"])
+    N, K, P, Q = c["shape"]
+    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
+                      torch.channels_last)
+    out = guard[1:N + 1]
+    block_k = {"block_k_16": 16, "block_k_64": 64}.get(variant, 32)
+    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4, num_stages=2)
+    scale_shift, ref_case = None, c
+    if variant == "prologue":
+        C = c["x"].shape[1]
+        scale_shift = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device))
+        ref_case = dict(c, x=torch.relu(c["x"].double() * scale_shift[0].double()[:, None, None]
+                                        + scale_shift[1].double()[:, None, None]).to(dtype))
+    seen = record_constexprs(monkeypatch)
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], None, None, None, out, c["stride"],
+                              c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
+                              prologue=scale_shift, index_64=variant == "index_64", config=config)
+    assert seen["ROW_SPAN"] == (block_k == 32) and seen["FLAT_C"] == 3
+    assert_close(out, reference(ref_case), dtype, c["L"])
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
