@@ -2,6 +2,7 @@
 # The two commands of the README:
 #   bash dev.sh demo [options]   convert a torchvision ResNet-50, check it, report fusion and speed
 #   bash dev.sh test [pytest args]   run the test-suite (Triton kernels via the interpreter on CPU)
+# (and, for .ci/run: bash dev.sh setup   only the set-up below)
 # Each sets up .venv first (once; again when requirements-dev.txt changes).
 # FASTRES_SYSTEM_PYTHON=1 uses the current python instead (e.g. a GPU box with the stack preinstalled).
 set -euo pipefail
@@ -28,6 +29,7 @@ setup() {
 cmd="${1:-}"
 shift || true
 case "$cmd" in
+    setup) setup ;;
     demo) setup; exec "$PY" -m fastres demo "$@" ;;
     test) setup; exec "$PY" -m pytest -q "$@" ;;
     *) echo "usage: bash dev.sh demo [options] | bash dev.sh test [pytest args]" >&2; exit 2 ;;

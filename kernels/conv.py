@@ -33,6 +33,12 @@ Compile-time options (one kernel, no near-copies):
                   matrix and the weight the [K, C] one, a plain GEMM whose out-of-range rows and
                   channels the descriptors fill with zeros: no address arithmetic, no masks
   TMA_SHORTCUT    the same for the shortcut GEMM (a stride-1 downsample conv)
+  TILE_W          > 0: the tile's BLOCK_M output pixels are a TILE_H x TILE_W patch of one image
+                  (TILE_H = BLOCK_M // TILE_W) instead of BLOCK_M consecutive pixels, and with
+                  TMA a stride-1 conv (any filter) loads each tap's input patch through a 4-D
+                  [N, H, W, C] descriptor whose zero fill outside the image is the padding: no
+                  masks and no address arithmetic in the loop (C % BLOCK_K == 0: the [K, R*S*C]
+                  weight descriptor's tiles never straddle two taps)
   STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
                   sum of squared deviations (M2) of the output (fp32): batch statistics for a
                   training-mode BatchNorm, merged stably by kernels/bn_finalize.py
@@ -253,6 +259,34 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
 
 
 @triton.jit
+def _accumulate_patches(acc, x_desc, w_desc, tile_n, p0, q0, n0, C, pad_h, pad_w, dil_h, dil_w,
+                        S: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, TILE_H: tl.constexpr,
+                        TILE_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the stride-1 conv of the output patch (tile_n, p0.., q0..) by TMA, one step per
+    (filter tap, block of channels): each step's x tile is the input patch shifted by the tap,
+    which the descriptor loads with zeros outside the image (the padding), and its weight tile
+    columns step * BLOCK_K of the [K, R*S*C] matrix (C % BLOCK_K == 0)."""
+    tap = 0
+    c0 = 0
+    for step in range(0, R * S * (C // BLOCK_K)):
+        r = tap // S
+        s = tap - r * S
+        patch = x_desc.load([tile_n, p0 + r * dil_h - pad_h, q0 + s * dil_w - pad_w, c0])
+        a = patch.reshape(TILE_H * TILE_W, BLOCK_K)
+        b = w_desc.load([n0, step * BLOCK_K]).T
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        tap = tl.where(next_tap, tap + 1, tap)
+        c0 = tl.where(next_tap, 0, c0)
+    return acc
+
+
+@triton.jit
 def _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_n, stride_c, stride_h, stride_w,
                   ROWS_DENSE: tl.constexpr):
     """int64 element offsets of an output-shaped (N, K, P, Q) tile: row m = (n, p, q), column
@@ -284,7 +318,7 @@ def fused_conv2d_kernel(
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
-        TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, STATS: tl.constexpr,
+        TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, TILE_W: tl.constexpr, STATS: tl.constexpr,
         STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -301,20 +335,30 @@ def fused_conv2d_kernel(
       scale_ptr, shift_ptr   fp32 (C,) prologue BN scale/shift       [PROLOGUE]
       stats_ptr  fp32 (cdiv(N*P*Q, STATS_CHUNK), 2, K) per-chunk (mean, M2)   [STATS]
       x_desc, w_desc     descriptors of x as [N*H*W, C], block [BLOCK_M, BLOCK_K], and of w
-                 as [K, C], block [BLOCK_N, BLOCK_K]                  [TMA]
+                 as [K, C], block [BLOCK_N, BLOCK_K]                  [TMA, a 1x1 conv]
+                 or of x as [N, H, W, C], block [1, TILE_H, TILE_W, BLOCK_K], and of w as
+                 [K, R*S*C], block [BLOCK_N, BLOCK_K]                 [TMA, TILE_W > 0]
       x2_desc, w2_desc   the same for x2 and w2                       [TMA_SHORTCUT]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
-    of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N).
+    of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or
+    with TILE_W, N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N).
     Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
     C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), NESTED (loop over taps, then
     channel blocks, for many channel blocks per tap), SPATIAL_MASK (taps can leave the
     image), OUT_ROWS_DENSE / RES_ROWS_DENSE (the output's / residual's row m = (n, p, q) sits
     at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed),
     TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
+    tl.static_assert(not (STATS and TILE_W > 0), "STATS chunks are runs of consecutive rows")
     M = N * P * Q
+    TILE_H: tl.constexpr = BLOCK_M // TILE_W if TILE_W > 0 else 1
+    patches_h = tl.cdiv(P, TILE_H)
+    patches_w = tl.cdiv(Q, TILE_W) if TILE_W > 0 else 1
     # Grouped launch order: GROUP_M row-tiles share each column tile so weights stay in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    if TILE_W > 0:
+        num_pid_m = N * patches_h * patches_w
+    else:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
     group_id = pid // pids_per_group
@@ -323,14 +367,30 @@ def fused_conv2d_kernel(
     pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
     pid_n = (pid % pids_per_group) // group_size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < K
-    n_idx = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p_idx = pq // Q
-    q_idx = pq % Q
+    if TILE_W > 0:
+        # A TILE_H x TILE_W patch of image tile_n; its rows m = (n, p, q) are not consecutive.
+        tile_n = pid_m // (patches_h * patches_w)
+        patch = pid_m % (patches_h * patches_w)
+        p0 = (patch // patches_w) * TILE_H
+        q0 = (patch % patches_w) * TILE_W
+        i = tl.arange(0, BLOCK_M)
+        p_idx = p0 + i // TILE_W
+        q_idx = q0 + i % TILE_W
+        n_idx = tile_n + 0 * i
+        mask_m = (p_idx < P) & (q_idx < Q)
+        offs_m = (n_idx * P + p_idx) * Q + q_idx
+    else:
+        tile_n = 0
+        p0 = 0
+        q0 = 0
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n_idx = offs_m // (P * Q)
+        pq = offs_m % (P * Q)
+        p_idx = pq // Q
+        q_idx = pq % Q
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     h0 = p_idx * conv_stride_h - pad_h
@@ -346,7 +406,11 @@ def fused_conv2d_kernel(
                         + (p_idx * shortcut_stride_h).to(tl.int64) * stride_x2h
                         + (q_idx * shortcut_stride_w).to(tl.int64) * stride_x2w)
     w2_cols = w2_ptr + offs_n * stride_w2k
-    if FLAT_C > 0:
+    if TMA and TILE_W > 0:
+        acc = _accumulate_patches(acc, x_desc, w_desc, tile_n, p0, q0, pid_n * BLOCK_N, C, pad_h,
+                                  pad_w, dil_h, dil_w, S, R, UPCAST, INPUT_PRECISION, TILE_H, TILE_W,
+                                  BLOCK_K)
+    elif FLAT_C > 0:
         acc = _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                                dil_h, dil_w, scale_ptr, shift_ptr, R, S, FLAT_C, SPATIAL_MASK,

@@ -53,7 +53,9 @@ _kernel = triton.heuristics(values={
     "NESTED": lambda args: (args["R"] * args["S"] > 1
                             and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
     "ROW_SPAN": lambda args: args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"]),
-    "TMA": lambda args: args["x_desc"] is not None,
+    "TILE_W": lambda args: (patch_width(args["C"], args["BLOCK_K"], args["BLOCK_M"], args["P"], args["Q"])
+                            if _is_patch_descriptor(args["x_desc"]) else 0),
+    "TMA": lambda args: args["x_desc"] is not None and (args["R"] * args["S"] == 1 or args["TILE_W"] > 0),
     "TMA_SHORTCUT": lambda args: args["x2_desc"] is not None,
 })(fused_conv2d_kernel)
 
@@ -63,13 +65,55 @@ TMA_ALIGN_BYTES = 16
 MIN_DESCRIPTOR_BLOCK = 16  # a descriptor's block shape until the config's is set
 
 
+# A conv over output patches (TILE_W > 0) computes BLOCK_M rows per tile whether or not they
+# lie in the image: it is used only where the patches cover at least this much of it.
+MIN_PATCH_FILL = 7 / 8
+
+
+def patch_width(C: int, block_k: int, block_m: int, P: int, Q: int) -> int:
+    """TILE_W for a conv over output patches loaded by TMA, or 0 for the pointer path.
+
+    Patches only where each filter tap is exactly one channel block (C == BLOCK_K): there the
+    pointer path's per-tap bounds and addresses are the whole per-step cost (compiled for sm_90,
+    the 64-channel 3x3 at 56x56 issues 29% fewer instructions per tile as patches). With more
+    channel blocks per tap the pointer loop amortises them, and the patch loop's per-step
+    register round trip of the 4-D tile costs as much as it saves (the 128-channel 3x3 at 28x28:
+    -9% per tile at BLOCK_K 64, +23% at 32, before the rows the patches waste).
+    Then the TILE_H x TILE_W patch (TILE_H * TILE_W = BLOCK_M, both powers of two) that wastes
+    the fewest rows on a P x Q output; among equals the squarest (the least input around it to
+    load per tap), then the widest; 0 if even that covers less than MIN_PATCH_FILL of the rows
+    it computes (e.g. 14x14 or 7x7 outputs)."""
+    if C != block_k:
+        return 0
+    candidates = []
+    width = 4
+    while width <= block_m:
+        height = block_m // width
+        fill = (P / (triton.cdiv(P, height) * height)) * (Q / (triton.cdiv(Q, width) * width))
+        candidates.append((fill, -(height + width), width))
+        width *= 2
+    best_fill, _, best = max(candidates)
+    return best if best_fill >= MIN_PATCH_FILL else 0
+
+
+def _is_patch_descriptor(desc) -> bool:
+    return desc is not None and len(desc.shape) == 4
+
+
 def set_descriptor_blocks(nargs: dict) -> None:
     """Give the launch's tensor descriptors the block shapes of the config it runs with (also a
     triton.Config pre_hook: the autotuner times each config with its own blocks)."""
     for x_name, w_name in (("x_desc", "w_desc"), ("x2_desc", "w2_desc")):
-        if nargs.get(x_name) is not None:
-            nargs[x_name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-            nargs[w_name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+        desc = nargs.get(x_name)
+        if desc is None:
+            continue
+        nargs[w_name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+        if _is_patch_descriptor(desc):
+            # (a config whose patches do not fit the output, TILE_W = 0, leaves it unused)
+            width = patch_width(nargs["C"], nargs["BLOCK_K"], nargs["BLOCK_M"], nargs["P"], nargs["Q"]) or 1
+            desc.block_shape = [1, max(nargs["BLOCK_M"] // width, 1), width, nargs["BLOCK_K"]]
+        else:
+            desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
 
 def _aligned(t, stride: int) -> bool:
@@ -94,6 +138,24 @@ def gemm_descriptors(x, weight, stride, padding) -> Tuple[Optional[TensorDescrip
         return None, None
     return (TensorDescriptor(x, [N * H * W, C], [x.stride(3), 1], [MIN_DESCRIPTOR_BLOCK] * 2),
             TensorDescriptor(weight, [K, C], [weight.stride(0), 1], [MIN_DESCRIPTOR_BLOCK] * 2))
+
+
+def patch_descriptors(x, weight, stride, flat: bool, stats: bool
+                      ) -> Tuple[Optional[TensorDescriptor], ...]:
+    """Tensor descriptors for a stride-1 conv with a filter larger than 1x1 over output patches
+    (TILE_W): x as the 4-D [N, H, W, C] tensor (channels contiguous, 16-byte aligned pixels)
+    and the weight as the [K, R*S*C] matrix of a (K, R, S, C) weight; else (None, None). Not
+    for the flattened stem reduction, nor with STATS, whose partials are per run of rows."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    sk, sc, sr, ss = weight.stride()
+    if not (R * S > 1 and tuple(stride) == (1, 1) and not flat and not stats and x.stride(1) == 1
+            and all(_aligned(x, st) for st in (x.stride(0), x.stride(2), x.stride(3)))
+            and sc == 1 and ss == C and sr == S * C and _aligned(weight, sk)):
+        return None, None
+    return (TensorDescriptor(x, [N, H, W, C], [x.stride(0), x.stride(2), x.stride(3), 1],
+                             [1, 1, MIN_DESCRIPTOR_BLOCK, MIN_DESCRIPTOR_BLOCK]),
+            TensorDescriptor(weight, [K, R * S * C], [sk, 1], [MIN_DESCRIPTOR_BLOCK] * 2))
 
 
 def use_tma(tma: Optional[bool]) -> bool:
@@ -181,8 +243,10 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     stats: fp32 (stats_chunks(M), 2, K) to fill with per-chunk (mean, M2) of the output.
     flat_reduction / index_64: None chooses by the problem; tests force each variant.
     config: a conv_configs.json entry to launch with instead of the chosen one.
-    tma: load the main and the shortcut GEMM through tensor descriptors where they are plain
-    GEMMs (gemm_descriptors); None = on sm_90+ GPUs (use_tma).
+    tma: load through tensor descriptors where the layout allows: a 1x1 stride-1 conv (and
+    shortcut) as a plain GEMM (gemm_descriptors), a larger stride-1 filter over output patches
+    (patch_descriptors, where patch_width finds patches that fit the output); None = on sm_90+
+    GPUs (use_tma).
     """
     global _launches
     N, C, H, W = x.shape
@@ -215,14 +279,21 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     x_desc = w_desc = x2_desc = w2_desc = None
     if use_tma(tma):
         x_desc, w_desc = gemm_descriptors(x, weight, stride, padding)
+        if x_desc is None:
+            x_desc, w_desc = patch_descriptors(x, weight, stride, flat_reduction, stats is not None)
         if has_shortcut and (H2, W2) == (P, Q):
             x2_desc, w2_desc = gemm_descriptors(x2, weight2, stride2, (0, 0))
     if meta:  # the config is known now (the autotuner sets the blocks itself, per config)
         set_descriptor_blocks(dict(meta, x_desc=x_desc, w_desc=w_desc, x2_desc=x2_desc,
-                                   w2_desc=w2_desc))
+                                   w2_desc=w2_desc, C=C, P=P, Q=Q))
 
     def grid(m):
-        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)
+        if m["TILE_W"]:
+            tile_h = m["BLOCK_M"] // m["TILE_W"]
+            row_tiles = N * triton.cdiv(P, tile_h) * triton.cdiv(Q, m["TILE_W"])
+        else:
+            row_tiles = triton.cdiv(M, m["BLOCK_M"])
+        return (row_tiles * triton.cdiv(K, m["BLOCK_N"]),)
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,

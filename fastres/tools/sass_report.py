@@ -562,6 +562,15 @@ class Layer:
         from fastres.launch.conv import use_flat_reduction
         return use_flat_reduction(self.C, self.R, self.S)
 
+    def patch_width(self, cfg: dict, variant: str) -> int:
+        """TILE_W of the output patches the kernel computes on sm_90 (0: consecutive rows), as
+        fastres.launch.conv decides it for the report's channels_last tensors."""
+        from fastres.launch.conv import patch_width
+
+        if variant != "eval" or self.R * self.S == 1 or self.stride != 1 or self.flat:
+            return 0
+        return patch_width(self.C, cfg["BLOCK_K"], cfg["BLOCK_M"], self.P, self.Q)
+
     def reductions(self, block_k: int) -> List[Reduction]:
         """The kernel's reductions with this BLOCK_K. A flat one whose filter row (S*C elements)
         suits a step is the kernel's ROW_SPAN order (the report's tensors are channels_last):
@@ -872,10 +881,20 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
                 conv = compile_one(lambda: launch_conv(arena, layer, dtype, variant, cfg))
                 ref = compile_one(lambda: launch_reference(arena, layer, dtype, cfg))
                 M, N, Kg = gemm_sizes(layer)
-                tiles = math.ceil(M / cfg["BLOCK_M"]) * math.ceil(N / cfg["BLOCK_N"])
                 useful_n = N / (math.ceil(N / cfg["BLOCK_N"]) * cfg["BLOCK_N"])
+                width = layer.patch_width(cfg, variant) if arch >= 90 else 0
+                if width:  # output patches: rows outside the image are computed and dropped
+                    height = cfg["BLOCK_M"] // width
+                    row_tiles = BATCH * math.ceil(layer.P / height) * math.ceil(layer.Q / width)
+                    useful_n *= M / (row_tiles * cfg["BLOCK_M"])
+                else:
+                    row_tiles = math.ceil(M / cfg["BLOCK_M"])
+                tiles = row_tiles * math.ceil(N / cfg["BLOCK_N"])
                 numbers = kernel_numbers(conv, layer.reductions(cfg["BLOCK_K"]), cfg, dtype, tiles,
                                          useful_n)
+                if width:
+                    numbers["notes"].append(f"TMA over {cfg['BLOCK_M'] // width}x{width} output "
+                                            f"patches: useful MMA {numbers['useful_mma']}")
                 ref_numbers = kernel_numbers(ref, [Reduction(Kg)], cfg, dtype, tiles, useful_n)
                 ratio = (None if None in (numbers["instr_per_tile"], ref_numbers["instr_per_tile"])
                          else round(numbers["instr_per_tile"] / ref_numbers["instr_per_tile"], 2))

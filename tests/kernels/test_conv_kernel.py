@@ -299,6 +299,51 @@ def test_tma_gemm_path(name, dtype, prologue, device, monkeypatch):
     assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
 
 
+# Stride-1 convs with a filter larger than 1x1, over output patches loaded by TMA (4-D
+# descriptors; C == BLOCK_K): name: (case as in CASES, patches that need not fill the output).
+PATCH_CASES = {
+    "3x3_patches_fit_residual": ((2, 32, 8, 16, 24, (3, 3), (1, 1), (1, 1), (1, 1), True, None, True), False),
+    "3x3_odd_partial_patches": ((3, 32, 7, 9, 20, (3, 3), (1, 1), (1, 1), (1, 1), False, None, True), True),
+    "3x3_dil2_dual_gemm": ((2, 32, 9, 8, 24, (3, 3), (1, 1), (2, 2), (2, 2), False, (40, 2), True), True),
+    "5x3_rect_norelu": ((2, 32, 8, 8, 16, (5, 3), (1, 1), (2, 1), (1, 1), True, None, False), False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(PATCH_CASES))
+def test_tma_patch_path(name, dtype, device, monkeypatch):
+    """Output patches whose input the 4-D descriptor loads with the padding as its zero fill,
+    partial patches at the image's edges included (MIN_PATCH_FILL lowered to reach them)."""
+    case, partial = PATCH_CASES[name]
+    if partial:
+        monkeypatch.setattr(conv_launch, "MIN_PATCH_FILL", 0.0)
+    c = make_case(case, dtype, torch.channels_last, device)
+    N, K, P, Q = c["shape"]
+    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
+                      torch.channels_last)
+    out = guard[1:N + 1]
+    x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
+    config = dict(TMA_CONFIG, BLOCK_K=c["x"].shape[1])
+    seen = record_constexprs(monkeypatch)
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
+                              c["padding"], c["dilation"], s2, c["relu"], "ieee", config=config,
+                              tma=True)
+    if conv_launch.use_tma(True):
+        assert seen["TMA"] and seen["TILE_W"] > 0
+    assert_close(out, reference(c), dtype, c["L"])
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+
+
+def test_patches_only_where_they_fill_the_output_and_a_tap_is_one_channel_block():
+    fit = conv_launch.patch_width
+    assert fit(64, 64, 128, 56, 56) == 16  # 8x16 patches: 56 = 3.5 x 16, 7/8 of the rows used
+    # (2x64 ones fill as much, but load 264 input pixels per tap against 8x16's 180)
+    assert fit(64, 64, 64, 56, 56) == 8  # 8x8 patches tile 56x56 exactly
+    assert fit(64, 64, 128, 14, 14) == 0  # 14x14: at best 0.77 of the rows
+    assert fit(128, 64, 128, 28, 28) == 0  # two channel blocks per tap: the pointer loop
+    assert fit(32, 64, 128, 56, 56) == 0  # C < BLOCK_K
+
+
 def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
     """gemm_descriptors refuses what a 2-D descriptor cannot describe, so those convs keep the
     pointer loads; by default (None) only sm_90+ GPUs use TMA, and FASTRES_TMA=0 turns it off."""
@@ -328,6 +373,15 @@ def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
     assert descriptors(x[:, :16], w[:, :16])[0].strides == [32, 1]
     assert descriptors(x, w, stride=(2, 2)) == (None, None)
     assert descriptors(x, w, padding=(1, 1)) == (None, None)
+    # Filters larger than 1x1: output patches, stride 1, not with STATS, not NCHW.
+    w3 = torch.randn(16, 32, 3, 3, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    x_desc, w_desc = conv_launch.patch_descriptors(x, w3, (1, 1), False, False)
+    assert x_desc.shape == [2, 5, 5, 32] and w_desc.shape == [16, 288]
+    for why, args in {"stride 2": (x, w3, (2, 2), False, False), "STATS": (x, w3, (1, 1), False, True),
+                      "NCHW x": (x.contiguous(), w3, (1, 1), False, False),
+                      "OIHW weight": (x, w3.contiguous(), (1, 1), False, False),
+                      "flat stem": (x, w3, (1, 1), True, False), "1x1": (x, w, (1, 1), False, False)}.items():
+        assert conv_launch.patch_descriptors(*args) == (None, None), why
     if INTERPRETED:  # by default the interpreter keeps pointer loads; True forces descriptors
         assert not conv_launch.use_tma(None) and conv_launch.use_tma(True)
     monkeypatch.setenv("FASTRES_TMA", "0")

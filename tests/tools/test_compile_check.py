@@ -12,6 +12,7 @@ KERNELS = ("fused_conv2d_kernel", "bn_finalize_kernel", "bn_act_kernel",
            "bn_backward_reduce_kernel", "bn_backward_finalize_kernel", "bn_backward_apply_kernel")
 
 
+@pytest.mark.slow  # ~80 s; .ci/run runs this command (and --arch 80) beside the suite
 def test_every_kernel_compiles_for_sm90():
     """The quick set (fp16, channels_last): eval blocks, the stem, training steps and every
     tuning config compile to cubins and fit the H100's shared memory. (The full set, all dtypes
