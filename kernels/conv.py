@@ -33,6 +33,9 @@ Compile-time options (one kernel, no near-copies):
                   matrix and the weight the [K, C] one, a plain GEMM whose out-of-range rows and
                   channels the descriptors fill with zeros: no address arithmetic, no masks
   TMA_SHORTCUT    the same for the shortcut GEMM (a stride-1 downsample conv)
+  EPILOGUE_TMA    store the output tile (and load the residual's) through descriptors of
+                  dense channels_last tensors as [N*P*Q, K] matrices (TMA on sm_90), which clip
+                  what lies past their ends: no per-element addresses or masks in the epilogue
   TILE_W          > 0: the tile's BLOCK_M output pixels are a TILE_H x TILE_W patch of one image
                   (TILE_H = BLOCK_M // TILE_W) instead of BLOCK_M consecutive pixels, and with
                   TMA a stride-1 conv (any filter) loads each tap's input patch through a 4-D
@@ -302,7 +305,7 @@ def _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_n, stride_c, strid
 @triton.jit
 def fused_conv2d_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, shift_ptr, stats_ptr,
-        x_desc, w_desc, x2_desc, w2_desc,
+        x_desc, w_desc, x2_desc, w2_desc, o_desc, r_desc,
         N, C, H, W, K, P, Q, C2, H2, W2,
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wk, stride_wc, stride_wr, stride_ws,
@@ -318,7 +321,8 @@ def fused_conv2d_kernel(
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
-        TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, TILE_W: tl.constexpr, STATS: tl.constexpr,
+        TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, TILE_W: tl.constexpr,
+        EPILOGUE_TMA: tl.constexpr, STATS: tl.constexpr,
         STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -339,6 +343,8 @@ def fused_conv2d_kernel(
                  or of x as [N, H, W, C], block [1, TILE_H, TILE_W, BLOCK_K], and of w as
                  [K, R*S*C], block [BLOCK_N, BLOCK_K]                 [TMA, TILE_W > 0]
       x2_desc, w2_desc   the same for x2 and w2                       [TMA_SHORTCUT]
+      o_desc, r_desc     the output and the residual as [N*P*Q, K], block [BLOCK_M, BLOCK_N]
+                                                                      [EPILOGUE_TMA]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
     of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or
     with TILE_W, N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N).
@@ -451,11 +457,18 @@ def fused_conv2d_kernel(
         tl.store(stats_ptr + s_off, mean, mask=s_mask)
         tl.store(stats_ptr + s_off + K, m2, mask=s_mask)
     if HAS_RESIDUAL:
-        r_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_rn, stride_rc,
-                              stride_rh, stride_rw, RES_ROWS_DENSE)
-        acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
+        if EPILOGUE_TMA:
+            acc += r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
+        else:
+            r_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_rn, stride_rc,
+                                  stride_rh, stride_rw, RES_ROWS_DENSE)
+            acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = relu(acc)
-    o_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_on, stride_oc, stride_oh,
-                          stride_ow, OUT_ROWS_DENSE)
-    tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)
+    if EPILOGUE_TMA:
+        # The descriptor clips the rows and channels past the output's end.
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, out_ptr.dtype.element_ty))
+    else:
+        o_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_on, stride_oc,
+                              stride_oh, stride_ow, OUT_ROWS_DENSE)
+        tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)

@@ -57,6 +57,7 @@ _kernel = triton.heuristics(values={
                             if _is_patch_descriptor(args["x_desc"]) else 0),
     "TMA": lambda args: args["x_desc"] is not None and (args["R"] * args["S"] == 1 or args["TILE_W"] > 0),
     "TMA_SHORTCUT": lambda args: args["x2_desc"] is not None,
+    "EPILOGUE_TMA": lambda args: args["o_desc"] is not None and args["TILE_W"] == 0,
 })(fused_conv2d_kernel)
 
 # TMA needs sm_90 and 16-byte aligned base addresses and row strides.
@@ -103,6 +104,9 @@ def _is_patch_descriptor(desc) -> bool:
 def set_descriptor_blocks(nargs: dict) -> None:
     """Give the launch's tensor descriptors the block shapes of the config it runs with (also a
     triton.Config pre_hook: the autotuner times each config with its own blocks)."""
+    for name in ("o_desc", "r_desc"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
     for x_name, w_name in (("x_desc", "w_desc"), ("x2_desc", "w2_desc")):
         desc = nargs.get(x_name)
         if desc is None:
@@ -156,6 +160,23 @@ def patch_descriptors(x, weight, stride, flat: bool, stats: bool
     return (TensorDescriptor(x, [N, H, W, C], [x.stride(0), x.stride(2), x.stride(3), 1],
                              [1, 1, MIN_DESCRIPTOR_BLOCK, MIN_DESCRIPTOR_BLOCK]),
             TensorDescriptor(weight, [K, R * S * C], [sk, 1], [MIN_DESCRIPTOR_BLOCK] * 2))
+
+
+def epilogue_descriptors(out, residual) -> Tuple[Optional[TensorDescriptor], ...]:
+    """(o_desc, r_desc): the output, and the residual if any, as [N*P*Q, K] matrices, when both
+    are dense channels_last (rows evenly spaced, channels contiguous) and 16-byte aligned; else
+    (None, None). Used unless the tile is an output patch (TILE_W)."""
+    def matrix(t):
+        N, K, P, Q = t.shape
+        if t.stride(1) == 1 and _rows_dense(t) and _aligned(t, t.stride(3)):
+            return TensorDescriptor(t, [N * P * Q, K], [t.stride(3), 1], [MIN_DESCRIPTOR_BLOCK] * 2)
+        return None
+
+    o_desc = matrix(out)
+    r_desc = matrix(residual) if residual is not None and o_desc is not None else None
+    if o_desc is None or (residual is not None and r_desc is None):
+        return None, None
+    return o_desc, r_desc
 
 
 def use_tma(tma: Optional[bool]) -> bool:
@@ -276,8 +297,9 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
                                     x.element_size(), config)
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
-    x_desc = w_desc = x2_desc = w2_desc = None
+    x_desc = w_desc = x2_desc = w2_desc = o_desc = r_desc = None
     if use_tma(tma):
+        o_desc, r_desc = epilogue_descriptors(out, residual)
         x_desc, w_desc = gemm_descriptors(x, weight, stride, padding)
         if x_desc is None:
             x_desc, w_desc = patch_descriptors(x, weight, stride, flat_reduction, stats is not None)
@@ -285,7 +307,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
             x2_desc, w2_desc = gemm_descriptors(x2, weight2, stride2, (0, 0))
     if meta:  # the config is known now (the autotuner sets the blocks itself, per config)
         set_descriptor_blocks(dict(meta, x_desc=x_desc, w_desc=w_desc, x2_desc=x2_desc,
-                                   w2_desc=w2_desc, C=C, P=P, Q=Q))
+                                   w2_desc=w2_desc, o_desc=o_desc, r_desc=r_desc, C=C, P=P, Q=Q))
 
     def grid(m):
         if m["TILE_W"]:
@@ -298,7 +320,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         x2, weight2, out, scale, shift, stats if stats is not None else out,
-        x_desc, w_desc, x2_desc, w2_desc,
+        x_desc, w_desc, x2_desc, w2_desc, o_desc, r_desc,
         N, C, H, W, K, P, Q, C2, H2, W2,
         *x.stride(), *weight.stride(), *x2_strides, w2_strides[0], w2_strides[1], *res_strides,
         *out.stride(),

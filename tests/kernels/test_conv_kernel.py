@@ -66,21 +66,39 @@ def reference(c):
     return torch.relu(out) if c["relu"] else out
 
 
+def guarded_output(c, dtype, fmt, device):
+    """(guard, out): a NaN-poisoned output inside a NaN guard region of one image either side
+    (the interpreter does no bounds checks); assert_guard_untouched(guard) after the launch."""
+    N, K, P, Q = c["shape"]
+    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device), fmt)
+    return guard, guard[1:N + 1]
+
+
+def assert_guard_untouched(guard):
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all(), "wrote outside the output"
+
+
+def with_prologue(c, dtype, device):
+    """(scale, shift) for the training prologue, and the case whose x is what the kernel should
+    see: relu(x * scale + shift) per channel, rounded to dtype as the unfused graph stores it."""
+    C = c["x"].shape[1]
+    scale_shift = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device))
+    x = torch.relu(c["x"].double() * scale_shift[0].double()[:, None, None]
+                   + scale_shift[1].double()[:, None, None]).to(dtype)
+    return scale_shift, dict(c, x=x)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_float64_reference(name, dtype, fmt, device):
     c = make_case(CASES[name], dtype, fmt, device)
-    N, K, P, Q = c["shape"]
-    # Poisoned output inside a poisoned guard region (the interpreter does no bounds checks).
-    guard = torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device)
-    guard = to_format(guard, fmt)
-    out = guard[1:N + 1]
+    guard, out = guarded_output(c, dtype, fmt, device)
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee")
     assert_close(out, reference(c), dtype, c["L"])
-    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+    assert_guard_untouched(guard)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "channel_loop"])
@@ -113,15 +131,13 @@ CHANNEL_BLOCK_CASES = {
 def test_channel_blocks_that_divide_c(name, fmt, device):
     case, block_k = CHANNEL_BLOCK_CASES[name]
     c = make_case(case, torch.float16, fmt, device)
-    N, K, P, Q = c["shape"]
-    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=torch.float16, device=device), fmt)
-    out = guard[1:N + 1]
+    guard, out = guarded_output(c, torch.float16, fmt, device)
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
     config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4, num_stages=2)
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee", config=config)
     assert_close(out, reference(c), torch.float16, c["L"])
-    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+    assert_guard_untouched(guard)
 
 
 @pytest.mark.parametrize("name", ["3x3_p1_odd", "7x7_s2_p3_stem", "1x1_dual_gemm_s2"])
@@ -276,27 +292,22 @@ def test_tma_gemm_path(name, dtype, prologue, device, monkeypatch):
     float64 reference, with the training prologue (BN + ReLU applied to the loaded x) too."""
     case, tma_shortcut = TMA_CASES[name]
     c = make_case(case, dtype, torch.channels_last, device)
-    N, K, P, Q = c["shape"]
-    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
-                      torch.channels_last)
-    out = guard[1:N + 1]
+    guard, out = guarded_output(c, dtype, torch.channels_last, device)
+    K = c["shape"][1]
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
-    scale_shift = None
-    ref_case = c
-    if prologue:
-        C = c["x"].shape[1]
-        scale_shift = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device))
-        x_act = torch.relu(c["x"].double() * scale_shift[0].double()[:, None, None]
-                           + scale_shift[1].double()[:, None, None]).to(dtype)
-        ref_case = dict(c, x=x_act)
+    scale_shift, ref_case = with_prologue(c, dtype, device) if prologue else (None, c)
     seen = record_constexprs(monkeypatch)
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee",
                               prologue=scale_shift, config=TMA_CONFIG, tma=True)
     tma = conv_launch.use_tma(True)  # the interpreter and sm_90+ GPUs: the test is for them
     assert seen["TMA"] == tma and seen["TMA_SHORTCUT"] == (tma and tma_shortcut)
+    # The output (and residual) as [N*P*Q, K] matrices where their rows are 16-byte aligned
+    # (K = 20 in fp16 is not).
+    rows_aligned = K * out.element_size() % 16 == 0
+    assert seen["EPILOGUE_TMA"] == (tma and rows_aligned)
     assert_close(out, reference(ref_case), dtype, c["L"])
-    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+    assert_guard_untouched(guard)
 
 
 # Stride-1 convs with a filter larger than 1x1, over output patches loaded by TMA (4-D
@@ -318,10 +329,7 @@ def test_tma_patch_path(name, dtype, device, monkeypatch):
     if partial:
         monkeypatch.setattr(conv_launch, "MIN_PATCH_FILL", 0.0)
     c = make_case(case, dtype, torch.channels_last, device)
-    N, K, P, Q = c["shape"]
-    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
-                      torch.channels_last)
-    out = guard[1:N + 1]
+    guard, out = guarded_output(c, dtype, torch.channels_last, device)
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
     config = dict(TMA_CONFIG, BLOCK_K=c["x"].shape[1])
     seen = record_constexprs(monkeypatch)
@@ -329,9 +337,9 @@ def test_tma_patch_path(name, dtype, device, monkeypatch):
                               c["padding"], c["dilation"], s2, c["relu"], "ieee", config=config,
                               tma=True)
     if conv_launch.use_tma(True):
-        assert seen["TMA"] and seen["TILE_W"] > 0
+        assert seen["TMA"] and seen["TILE_W"] > 0 and not seen["EPILOGUE_TMA"]
     assert_close(out, reference(c), dtype, c["L"])
-    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+    assert_guard_untouched(guard)
 
 
 def test_patches_only_where_they_fill_the_output_and_a_tap_is_one_channel_block():
@@ -398,22 +406,14 @@ def test_stem_row_span(dtype, variant, device, monkeypatch):
     assert conv_launch.row_span_layout(c["x"], c["w"], c["dilation"])
     assert not conv_launch.row_span_layout(c["x"].contiguous(), c["w"], c["dilation"])
     assert not conv_launch.row_span_layout(c["x"], c["w"].contiguous(), c["dilation"])
-    N, K, P, Q = c["shape"]
-    guard = to_format(torch.full((N + 2, K, P, Q), float("nan"), dtype=dtype, device=device),
-                      torch.channels_last)
-    out = guard[1:N + 1]
+    guard, out = guarded_output(c, dtype, torch.channels_last, device)
     block_k = {"block_k_16": 16, "block_k_64": 64}.get(variant, 32)
     config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4, num_stages=2)
-    scale_shift, ref_case = None, c
-    if variant == "prologue":
-        C = c["x"].shape[1]
-        scale_shift = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device))
-        ref_case = dict(c, x=torch.relu(c["x"].double() * scale_shift[0].double()[:, None, None]
-                                        + scale_shift[1].double()[:, None, None]).to(dtype))
+    scale_shift, ref_case = with_prologue(c, dtype, device) if variant == "prologue" else (None, c)
     seen = record_constexprs(monkeypatch)
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], None, None, None, out, c["stride"],
                               c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
                               prologue=scale_shift, index_64=variant == "index_64", config=config)
     assert seen["ROW_SPAN"] == (block_k == 32) and seen["FLAT_C"] == 3
     assert_close(out, reference(ref_case), dtype, c["L"])
-    assert torch.isnan(guard[0]).all() and torch.isnan(guard[N + 1]).all(), "wrote outside the output"
+    assert_guard_untouched(guard)
