@@ -2,9 +2,11 @@
 
 Paths: 1x1 / 3x3 / 7x7 stem / rectangular kernels; stride 1/2; padding 0/1/3; dilation; odd N, C,
 K, H, W; more channels than one BLOCK_K and more outputs than one BLOCK_N; channel-loop and
-flattened reductions; bias, residual, ReLU on/off, the dual GEMM (downsample shortcut);
-fp32/fp16/bf16; NCHW and channels_last. The output buffer is NaN-poisoned and surrounded by a
-guard region that must stay untouched.
+flattened reductions (and the stem's row-span order); bias, residual, ReLU on/off, the dual GEMM
+(downsample shortcut); the TMA paths the sm_90 GPU takes, forced on through the interpreter
+(1x1 convs as plain GEMMs, output patches, the epilogue's descriptor store); fp32/fp16/bf16; NCHW
+and channels_last. The output buffer is NaN-poisoned and surrounded by a guard region that must
+stay untouched.
 """
 import math
 
