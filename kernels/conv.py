@@ -78,10 +78,11 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
     x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel).
 
     ROW_SPAN (x channels_last with its pixels C apart, the weight (K, R, S, C), no dilation
-    along w, S*C <= BLOCK_K; the host decides): for one filter row r, the S*C elements (s, c) an output pixel reads
-    are contiguous in x, and in the weight, so each step reads one filter row at offsets j =
-    s*C + c that are the same in every step: the column bounds (0 <= w0 + s < W) are computed
-    once per tile, and a step costs a row check and one scalar offset."""
+    along w, S*C <= BLOCK_K; the host decides): for one filter row r, the S*C elements (s, c)
+    an output pixel reads are contiguous in x, and in the weight, so each step reads one filter
+    row at offsets j = s*C + c that are the same in every step: the column bounds
+    (0 <= w0 + s < W) are computed once per tile, and a step costs a row check and one scalar
+    offset."""
     offs_k = tl.arange(0, BLOCK_K)
     if ROW_SPAN:
         in_span = offs_k < S * C
@@ -355,6 +356,7 @@ def fused_conv2d_kernel(
     at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed),
     TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
     tl.static_assert(not (STATS and TILE_W > 0), "STATS chunks are runs of consecutive rows")
+    tl.static_assert(not (PROLOGUE and TILE_W > 0), "the patch loop has no prologue")
     M = N * P * Q
     TILE_H: tl.constexpr = BLOCK_M // TILE_W if TILE_W > 0 else 1
     patches_h = tl.cdiv(P, TILE_H)

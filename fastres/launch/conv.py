@@ -144,16 +144,18 @@ def gemm_descriptors(x, weight, stride, padding) -> Tuple[Optional[TensorDescrip
             TensorDescriptor(weight, [K, C], [weight.stride(0), 1], [MIN_DESCRIPTOR_BLOCK] * 2))
 
 
-def patch_descriptors(x, weight, stride, flat: bool, stats: bool
+def patch_descriptors(x, weight, stride, flat: bool, stats: bool, prologue: bool = False
                       ) -> Tuple[Optional[TensorDescriptor], ...]:
     """Tensor descriptors for a stride-1 conv with a filter larger than 1x1 over output patches
     (TILE_W): x as the 4-D [N, H, W, C] tensor (channels contiguous, 16-byte aligned pixels)
     and the weight as the [K, R*S*C] matrix of a (K, R, S, C) weight; else (None, None). Not
-    for the flattened stem reduction, nor with STATS, whose partials are per run of rows."""
+    for the flattened stem reduction, nor with STATS, whose partials are per run of rows, nor
+    with the training prologue, which the patch loop does not apply."""
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     sk, sc, sr, ss = weight.stride()
-    if not (R * S > 1 and tuple(stride) == (1, 1) and not flat and not stats and x.stride(1) == 1
+    if not (R * S > 1 and tuple(stride) == (1, 1) and not flat and not stats and not prologue
+            and x.stride(1) == 1
             and all(_aligned(x, st) for st in (x.stride(0), x.stride(2), x.stride(3)))
             and sc == 1 and ss == C and sr == S * C and _aligned(weight, sk)):
         return None, None
@@ -302,7 +304,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         o_desc, r_desc = epilogue_descriptors(out, residual)
         x_desc, w_desc = gemm_descriptors(x, weight, stride, padding)
         if x_desc is None:
-            x_desc, w_desc = patch_descriptors(x, weight, stride, flat_reduction, stats is not None)
+            x_desc, w_desc = patch_descriptors(x, weight, stride, flat_reduction, stats is not None,
+                                               prologue is not None)
         if has_shortcut and (H2, W2) == (P, Q):
             x2_desc, w2_desc = gemm_descriptors(x2, weight2, stride2, (0, 0))
     if meta:  # the config is known now (the autotuner sets the blocks itself, per config)

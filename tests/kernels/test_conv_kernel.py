@@ -344,6 +344,20 @@ def test_tma_patch_path(name, dtype, device, monkeypatch):
     assert_guard_untouched(guard)
 
 
+def test_training_prologue_keeps_the_pointer_loop_where_patches_would_fit(device, monkeypatch):
+    """The patch loop applies no prologue: a launch with one takes the pointer path, correctly."""
+    c = make_case(PATCH_CASES["3x3_patches_fit_residual"][0], torch.float16, torch.channels_last, device)
+    guard, out = guarded_output(c, torch.float16, torch.channels_last, device)
+    scale_shift, ref_case = with_prologue(c, torch.float16, device)
+    seen = record_constexprs(monkeypatch)
+    conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], None, None, out, c["stride"],
+                              c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
+                              prologue=scale_shift, config=dict(TMA_CONFIG, BLOCK_K=32), tma=True)
+    assert seen["TILE_W"] == 0 and seen["PROLOGUE"]
+    assert_close(out, reference(ref_case), torch.float16, c["L"])
+    assert_guard_untouched(guard)
+
+
 def test_patches_only_where_they_fill_the_output_and_a_tap_is_one_channel_block():
     fit = conv_launch.patch_width
     assert fit(64, 64, 128, 56, 56) == 16  # 8x16 patches: 56 = 3.5 x 16, 7/8 of the rows used
@@ -388,6 +402,7 @@ def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
     x_desc, w_desc = conv_launch.patch_descriptors(x, w3, (1, 1), False, False)
     assert x_desc.shape == [2, 5, 5, 32] and w_desc.shape == [16, 288]
     for why, args in {"stride 2": (x, w3, (2, 2), False, False), "STATS": (x, w3, (1, 1), False, True),
+                      "prologue": (x, w3, (1, 1), False, False, True),
                       "NCHW x": (x.contiguous(), w3, (1, 1), False, False),
                       "OIHW weight": (x, w3.contiguous(), (1, 1), False, False),
                       "flat stem": (x, w3, (1, 1), True, False), "1x1": (x, w, (1, 1), False, False)}.items():
