@@ -66,6 +66,25 @@ def _bn_relu_prologue(a, c, mask_c, mask_a, scale_ptr, shift_ptr):
 
 
 @triton.jit
+def _dot(acc, a, b, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b; UPCAST: in fp32 (Triton's interpreter gets bf16 dot products wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _next_block(tap, c0, C, BLOCK_K: tl.constexpr):
+    """The (filter tap, first channel) of the step after (tap, c0) in a single loop over taps
+    and blocks of BLOCK_K channels: carried from step to step, because a runtime division per
+    step would cost more than the rest of the step's address arithmetic."""
+    c0 += BLOCK_K
+    next_tap = c0 >= C
+    return tl.where(next_tap, tap + 1, tap), tl.where(next_tap, 0, c0)
+
+
+@triton.jit
 def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                      dil_h, dil_w, scale_ptr, shift_ptr,
@@ -109,10 +128,7 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
             if PROLOGUE:
                 a = _bn_relu_prologue(a, span_c, in_span, mask_a, scale_ptr, shift_ptr)
             b = tl.load(w_cols[None, :] + (row * stride_wr + offs_k)[:, None], mask=mask_b, other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(acc, a, b, UPCAST, INPUT_PRECISION)
     else:
         red = R * S * C
         for k0 in range(0, red, BLOCK_K):
@@ -138,10 +154,7 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                 a = _bn_relu_prologue(a, c, mask_k, mask_a, scale_ptr, shift_ptr)
             b = tl.load(w_cols[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(acc, a, b, UPCAST, INPUT_PRECISION)
     return acc
 
 
@@ -175,10 +188,7 @@ def _accumulate_step(acc, x_rows, w_cols, x_off, w_off, c0, offs_k, k_off_x, k_o
         b = w_desc.load([n0, c0]).T
     else:
         b = tl.load(w_cols[None, :] + (w_off + k_off_w)[:, None], mask=mask_b, other=0.0)
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return _dot(acc, a, b, UPCAST, INPUT_PRECISION)
 
 
 @triton.jit
@@ -255,10 +265,7 @@ def _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                    k_off_w, valid, mask_n, C, scale_ptr, shift_ptr, x_desc,
                                    w_desc, m0, n0, EVEN_C, UPCAST, INPUT_PRECISION, PROLOGUE,
                                    TMA)
-            c0 += BLOCK_K
-            next_tap = c0 >= C
-            tap = tl.where(next_tap, tap + 1, tap)
-            c0 = tl.where(next_tap, 0, c0)
+            tap, c0 = _next_block(tap, c0, C, BLOCK_K)
     return acc
 
 
@@ -279,14 +286,8 @@ def _accumulate_patches(acc, x_desc, w_desc, tile_n, p0, q0, n0, C, pad_h, pad_w
         patch = x_desc.load([tile_n, p0 + r * dil_h - pad_h, q0 + s * dil_w - pad_w, c0])
         a = patch.reshape(TILE_H * TILE_W, BLOCK_K)
         b = w_desc.load([n0, step * BLOCK_K]).T
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        c0 += BLOCK_K
-        next_tap = c0 >= C
-        tap = tl.where(next_tap, tap + 1, tap)
-        c0 = tl.where(next_tap, 0, c0)
+        acc = _dot(acc, a, b, UPCAST, INPUT_PRECISION)
+        tap, c0 = _next_block(tap, c0, C, BLOCK_K)
     return acc
 
 

@@ -97,6 +97,14 @@ def patch_width(C: int, block_k: int, block_m: int, P: int, Q: int) -> int:
     return best if best_fill >= MIN_PATCH_FILL else 0
 
 
+def row_tiles(N: int, P: int, Q: int, block_m: int, tile_w: int) -> int:
+    """Row tiles of a launch (the grid is this times cdiv(K, BLOCK_N)): BLOCK_M consecutive
+    output rows each, or with output patches (TILE_W > 0) one TILE_H x TILE_W patch each."""
+    if tile_w:
+        return N * triton.cdiv(P, block_m // tile_w) * triton.cdiv(Q, tile_w)
+    return triton.cdiv(N * P * Q, block_m)
+
+
 def _is_patch_descriptor(desc) -> bool:
     return desc is not None and len(desc.shape) == 4
 
@@ -313,12 +321,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
                                    w2_desc=w2_desc, o_desc=o_desc, r_desc=r_desc, C=C, P=P, Q=Q))
 
     def grid(m):
-        if m["TILE_W"]:
-            tile_h = m["BLOCK_M"] // m["TILE_W"]
-            row_tiles = N * triton.cdiv(P, tile_h) * triton.cdiv(Q, m["TILE_W"])
-        else:
-            row_tiles = triton.cdiv(M, m["BLOCK_M"])
-        return (row_tiles * triton.cdiv(K, m["BLOCK_N"]),)
+        return (row_tiles(N, P, Q, m["BLOCK_M"], m["TILE_W"]) * triton.cdiv(K, m["BLOCK_N"]),)
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,

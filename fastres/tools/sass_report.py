@@ -844,6 +844,7 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
         log: Callable[[str], None] = print) -> SassReport:
     """Compile and measure every problem (see the module docstring)."""
     from fastres.kernels.common import INTERPRETED
+    from fastres.launch.conv import row_tiles
     from fastres.launch.target import Target
     from fastres.tools import compile_check
 
@@ -883,13 +884,10 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
                 M, N, Kg = gemm_sizes(layer)
                 useful_n = N / (math.ceil(N / cfg["BLOCK_N"]) * cfg["BLOCK_N"])
                 width = layer.patch_width(cfg, variant) if arch >= 90 else 0
+                rows = row_tiles(BATCH, layer.P, layer.Q, cfg["BLOCK_M"], width)
                 if width:  # output patches: rows outside the image are computed and dropped
-                    height = cfg["BLOCK_M"] // width
-                    row_tiles = BATCH * math.ceil(layer.P / height) * math.ceil(layer.Q / width)
-                    useful_n *= M / (row_tiles * cfg["BLOCK_M"])
-                else:
-                    row_tiles = math.ceil(M / cfg["BLOCK_M"])
-                tiles = row_tiles * math.ceil(N / cfg["BLOCK_N"])
+                    useful_n *= M / (rows * cfg["BLOCK_M"])
+                tiles = rows * math.ceil(N / cfg["BLOCK_N"])
                 numbers = kernel_numbers(conv, layer.reductions(cfg["BLOCK_K"]), cfg, dtype, tiles,
                                          useful_n)
                 if width:
