@@ -21,6 +21,9 @@ Compile-time options (one kernel, no near-copies):
   ROW_SPAN        with FLAT_C: x channels_last and the weight (K, R, S, C), so one filter row's
                   S*C elements are contiguous in both, and S*C <= BLOCK_K: each step reads one
                   filter row (the stem: 7 steps of 21 elements, with no index division per step)
+  PADDED_ROWS     with ROW_SPAN: the weight's filter rows are BLOCK_K-aligned and zero-padded to
+                  BLOCK_K in memory (fastres's folded stem weight), so a step's weight tile is
+                  read whole, in aligned vectors (cp.async), with no mask along the row
   UPCAST          convert loaded operands to fp32 before tl.dot; needed under Triton's
                   interpreter, which holds bf16 as raw uint16 and gets bf16 dot products wrong
   INPUT_PRECISION "tf32" or "ieee" for fp32 operands on the GPU (ignored for fp16/bf16)
@@ -34,14 +37,17 @@ Compile-time options (one kernel, no near-copies):
                   channels the descriptors fill with zeros: no address arithmetic, no masks
   TMA_SHORTCUT    the same for the shortcut GEMM (a stride-1 downsample conv)
   EPILOGUE_TMA    store the output tile (and load the residual's) through descriptors of
-                  dense channels_last tensors as [N*P*Q, K] matrices (TMA on sm_90), which clip
-                  what lies past their ends: no per-element addresses or masks in the epilogue
+                  dense channels_last tensors (TMA on sm_90), as [N*P*Q, K] matrices, or 4-D
+                  [N, P, Q, K] tensors for output patches, which clip what lies past their
+                  ends: no per-element addresses or masks in the epilogue
   TILE_W          > 0: the tile's BLOCK_M output pixels are a TILE_H x TILE_W patch of one image
-                  (TILE_H = BLOCK_M // TILE_W) instead of BLOCK_M consecutive pixels, and with
-                  TMA a stride-1 conv (any filter) loads each tap's input patch through a 4-D
-                  [N, H, W, C] descriptor whose zero fill outside the image is the padding: no
-                  masks and no address arithmetic in the loop (C % BLOCK_K == 0: the [K, R*S*C]
-                  weight descriptor's tiles never straddle two taps)
+                  (TILE_H = BLOCK_M // TILE_W, both powers of two) instead of BLOCK_M
+                  consecutive pixels, so a row's (p, q) costs shifts, not two runtime divisions
+                  (the ROW_SPAN stem takes them for that). With TMA a stride-1 conv (any
+                  filter) loads each tap's input patch through a 4-D [N, H, W, C] descriptor
+                  whose zero fill outside the image is the padding: no masks and no address
+                  arithmetic in the loop (C % BLOCK_K == 0: the [K, R*S*C] weight descriptor's
+                  tiles never straddle two taps)
   STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
                   sum of squared deviations (M2) of the output (fp32): batch statistics for a
                   training-mode BatchNorm, merged stably by kernels/bn_finalize.py
@@ -91,7 +97,8 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                      R: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
                      SPATIAL_MASK: tl.constexpr, UPCAST: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                     PROLOGUE: tl.constexpr, ROW_SPAN: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PROLOGUE: tl.constexpr, ROW_SPAN: tl.constexpr, PADDED_ROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     """acc += the conv over the flattened (r, s, c) index, C a compile-time constant: the stem
     (C = 3), where padding each tap's channels to BLOCK_K would waste most of the work.
     x_rows: each output row's base pointer into x (h0, w0: its top-left input pixel).
@@ -127,7 +134,13 @@ def _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
             a = tl.load(x_rows[:, None] + (x_off + k_off_x)[None, :], mask=mask_a, other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, span_c, in_span, mask_a, scale_ptr, shift_ptr)
-            b = tl.load(w_cols[None, :] + (row * stride_wr + offs_k)[:, None], mask=mask_b, other=0.0)
+            if PADDED_ROWS:
+                # Rows zero-padded to BLOCK_K, BLOCK_K-aligned: aligned vector loads, no k mask.
+                b = tl.load(w_cols[None, :] + (row * stride_wr + offs_k)[:, None],
+                            mask=mask_n[None, :], other=0.0)
+            else:
+                b = tl.load(w_cols[None, :] + (row * stride_wr + offs_k)[:, None], mask=mask_b,
+                            other=0.0)
             acc = _dot(acc, a, b, UPCAST, INPUT_PRECISION)
     else:
         red = R * S * C
@@ -319,7 +332,8 @@ def fused_conv2d_kernel(
         shortcut_stride_h, shortcut_stride_w,
         R: tl.constexpr, S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, ROW_SPAN: tl.constexpr, EVEN_C: tl.constexpr,
+        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, ROW_SPAN: tl.constexpr,
+        PADDED_ROWS: tl.constexpr, EVEN_C: tl.constexpr,
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -345,7 +359,8 @@ def fused_conv2d_kernel(
                  or of x as [N, H, W, C], block [1, TILE_H, TILE_W, BLOCK_K], and of w as
                  [K, R*S*C], block [BLOCK_N, BLOCK_K]                 [TMA, TILE_W > 0]
       x2_desc, w2_desc   the same for x2 and w2                       [TMA_SHORTCUT]
-      o_desc, r_desc     the output and the residual as [N*P*Q, K], block [BLOCK_M, BLOCK_N]
+      o_desc, r_desc     the output and the residual as [N*P*Q, K], block [BLOCK_M, BLOCK_N],
+                 or with TILE_W as [N, P, Q, K], block [1, TILE_H, TILE_W, BLOCK_N]
                                                                       [EPILOGUE_TMA]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
     of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or
@@ -357,7 +372,7 @@ def fused_conv2d_kernel(
     at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed),
     TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
     tl.static_assert(not (STATS and TILE_W > 0), "STATS chunks are runs of consecutive rows")
-    tl.static_assert(not (PROLOGUE and TILE_W > 0), "the patch loop has no prologue")
+    tl.static_assert(not (PROLOGUE and TMA and TILE_W > 0), "the TMA patch loop has no prologue")
     M = N * P * Q
     TILE_H: tl.constexpr = BLOCK_M // TILE_W if TILE_W > 0 else 1
     patches_h = tl.cdiv(P, TILE_H)
@@ -423,7 +438,8 @@ def fused_conv2d_kernel(
         acc = _accumulate_flat(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                                dil_h, dil_w, scale_ptr, shift_ptr, R, S, FLAT_C, SPATIAL_MASK,
-                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, ROW_SPAN, BLOCK_K)
+                               UPCAST, INPUT_PRECISION, INDEX_64, PROLOGUE, ROW_SPAN, PADDED_ROWS,
+                               BLOCK_K)
     else:
         acc = _accumulate_taps(acc, x_rows, w_cols, h0, w0, mask_m, mask_n, C, H, W,
                                stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
@@ -460,7 +476,10 @@ def fused_conv2d_kernel(
         tl.store(stats_ptr + s_off, mean, mask=s_mask)
         tl.store(stats_ptr + s_off + K, m2, mask=s_mask)
     if HAS_RESIDUAL:
-        if EPILOGUE_TMA:
+        if EPILOGUE_TMA and TILE_W > 0:
+            res = r_desc.load([tile_n, p0, q0, pid_n * BLOCK_N])
+            acc += res.reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        elif EPILOGUE_TMA:
             acc += r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
         else:
             r_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_rn, stride_rc,
@@ -468,7 +487,11 @@ def fused_conv2d_kernel(
             acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if APPLY_RELU:
         acc = relu(acc)
-    if EPILOGUE_TMA:
+    if EPILOGUE_TMA and TILE_W > 0:
+        # The 4-D descriptor clips the patch's rows and columns outside the output.
+        o_desc.store([tile_n, p0, q0, pid_n * BLOCK_N],
+                     round_to(acc, out_ptr.dtype.element_ty).reshape(1, TILE_H, TILE_W, BLOCK_N))
+    elif EPILOGUE_TMA:
         # The descriptor clips the rows and channels past the output's end.
         o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, out_ptr.dtype.element_ty))
     else:

@@ -126,3 +126,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def record_constexprs(monkeypatch) -> dict:
+    """The constexprs of the next fused-conv launches, as the kernel receives them."""
+    seen = {}
+    from fastres.launch import conv as conv_launch
+
+    kernel = conv_launch._kernel.fn
+    real_run = kernel.run
+
+    def run(*args, **kwargs):
+        seen.update(kwargs)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    return seen

@@ -5,6 +5,7 @@ Validation of user input happens in fastres.ops; this only asserts the layout it
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -53,11 +54,11 @@ _kernel = triton.heuristics(values={
     "NESTED": lambda args: (args["R"] * args["S"] > 1
                             and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
     "ROW_SPAN": lambda args: args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"]),
-    "TILE_W": lambda args: (patch_width(args["C"], args["BLOCK_K"], args["BLOCK_M"], args["P"], args["Q"])
-                            if _is_patch_descriptor(args["x_desc"]) else 0),
+    "PADDED_ROWS": lambda args: args["ROW_SPAN"] and padded_rows(args["w_ptr"], args["BLOCK_K"]),
+    "TILE_W": lambda args: tile_width(args),
     "TMA": lambda args: args["x_desc"] is not None and (args["R"] * args["S"] == 1 or args["TILE_W"] > 0),
     "TMA_SHORTCUT": lambda args: args["x2_desc"] is not None,
-    "EPILOGUE_TMA": lambda args: args["o_desc"] is not None and args["TILE_W"] == 0,
+    "EPILOGUE_TMA": lambda args: args["o_desc"] is not None,
 })(fused_conv2d_kernel)
 
 # TMA needs sm_90 and 16-byte aligned base addresses and row strides.
@@ -71,21 +72,33 @@ MIN_DESCRIPTOR_BLOCK = 16  # a descriptor's block shape until the config's is se
 MIN_PATCH_FILL = 7 / 8
 
 
-def patch_width(C: int, block_k: int, block_m: int, P: int, Q: int) -> int:
+def patch_width(C: int, block_k: int, block_m: int, P: int, Q: int, elem_bytes: int = 2) -> int:
     """TILE_W for a conv over output patches loaded by TMA, or 0 for the pointer path.
 
-    Patches only where each filter tap is exactly one channel block (C == BLOCK_K): there the
-    pointer path's per-tap bounds and addresses are the whole per-step cost (compiled for sm_90,
-    the 64-channel 3x3 at 56x56 issues 29% fewer instructions per tile as patches). With more
-    channel blocks per tap the pointer loop amortises them, and the patch loop's per-step
-    register round trip of the 4-D tile costs as much as it saves (the 128-channel 3x3 at 28x28:
-    -9% per tile at BLOCK_K 64, +23% at 32, before the rows the patches waste).
-    Then the TILE_H x TILE_W patch (TILE_H * TILE_W = BLOCK_M, both powers of two) that wastes
-    the fewest rows on a P x Q output; among equals the squarest (the least input around it to
-    load per tap), then the widest; 0 if even that covers less than MIN_PATCH_FILL of the rows
-    it computes (e.g. 14x14 or 7x7 outputs)."""
-    if C != block_k:
+    Patches only where a filter tap is one channel block (C == BLOCK_K), or two in fp32: there
+    the pointer path's per-tap bounds and addresses are most of the per-step cost, and the
+    patch loop's per-step register round trip of the 4-D tile costs less. Compiled for sm_90,
+    instructions per tile as patches against the pointer loop (first configs unless noted):
+
+      64-channel 3x3 at 56x56, fp16, BLOCK_K 64 (one block per tap)    2840 -> 2015  (-29%)
+      the same in fp32, BLOCK_K 32 (two blocks)                       4681 -> 3276  (-30%)
+      the same in fp16 at BLOCK_K 32 (two blocks)                      2991 -> 2824   (-6%)
+      128-channel 3x3 at 28x28, fp16, BLOCK_K 64 (two blocks)          3072 -> 2925   (-5%)
+      the same at BLOCK_K 32 (four blocks; the pointer loop nests)     3709 -> 4742  (+28%)
+
+    and the patches compute rows outside the image too (1/8 of them at 56x56 and 28x28), which
+    the fp16 gains with two blocks per tap do not pay for. Then the patch that fits the output
+    best (fitting_patch_width)."""
+    if not (C == block_k or (elem_bytes == 4 and C == 2 * block_k)):
         return 0
+    return fitting_patch_width(block_m, P, Q)
+
+
+def fitting_patch_width(block_m: int, P: int, Q: int) -> int:
+    """The TILE_W of the TILE_H x TILE_W output patch (TILE_H * TILE_W = BLOCK_M, both powers
+    of two) that wastes the fewest rows of a P x Q output; among equals the squarest (the
+    least input around it to load per tap), then the widest; 0 if even that covers less than
+    MIN_PATCH_FILL of the rows it computes (e.g. 14x14 or 7x7 outputs)."""
     candidates = []
     width = 4
     while width <= block_m:
@@ -95,6 +108,22 @@ def patch_width(C: int, block_k: int, block_m: int, P: int, Q: int) -> int:
         width *= 2
     best_fill, _, best = max(candidates)
     return best if best_fill >= MIN_PATCH_FILL else 0
+
+
+def tile_width(args: dict) -> int:
+    """The launch's TILE_W (kernels/conv.py), from its arguments and config: output patches
+    loaded by TMA (a patch descriptor), or for the flattened reduction in ROW_SPAN order (the
+    stem), patches read by pointers. A patch's rows are found with shifts (TILE_W and TILE_H
+    are powers of two) where BLOCK_M consecutive rows need two runtime divisions per row:
+    compiled for sm_90, the stem's instructions per tile fell by 19% as patches (fp16,
+    3611 -> 2924). Not with STATS, whose partials are runs of consecutive rows."""
+    if _is_patch_descriptor(args["x_desc"]):
+        return patch_width(args["C"], args["BLOCK_K"], args["BLOCK_M"], args["P"], args["Q"],
+                           args["x_desc"].base.element_size())
+    if (args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"])
+            and not args["STATS"]):
+        return fitting_patch_width(args["BLOCK_M"], args["P"], args["Q"])
+    return 0
 
 
 def row_tiles(N: int, P: int, Q: int, block_m: int, tile_w: int) -> int:
@@ -111,10 +140,22 @@ def _is_patch_descriptor(desc) -> bool:
 
 def set_descriptor_blocks(nargs: dict) -> None:
     """Give the launch's tensor descriptors the block shapes of the config it runs with (also a
-    triton.Config pre_hook: the autotuner times each config with its own blocks)."""
+    triton.Config pre_hook: the autotuner times each config with its own blocks). The output's
+    and residual's descriptors also take the tile's shape: [N*P*Q, K] matrices for runs of
+    rows, 4-D [N, P, Q, K] tensors for output patches (TILE_W > 0)."""
+    width = tile_width(nargs)
     for name in ("o_desc", "r_desc"):
-        if nargs.get(name) is not None:
-            nargs[name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+        desc = nargs.get(name)
+        if desc is None:
+            continue
+        t = desc.base  # (N, K, P, Q), dense channels_last rows (epilogue_descriptors)
+        N, K, P, Q = t.shape
+        if width:
+            desc.shape, desc.strides = [N, P, Q, K], [t.stride(0), t.stride(2), t.stride(3), 1]
+            desc.block_shape = [1, nargs["BLOCK_M"] // width, width, nargs["BLOCK_N"]]
+        else:
+            desc.shape, desc.strides = [N * P * Q, K], [t.stride(3), 1]
+            desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
     for x_name, w_name in (("x_desc", "w_desc"), ("x2_desc", "w2_desc")):
         desc = nargs.get(x_name)
         if desc is None:
@@ -122,8 +163,7 @@ def set_descriptor_blocks(nargs: dict) -> None:
         nargs[w_name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
         if _is_patch_descriptor(desc):
             # (a config whose patches do not fit the output, TILE_W = 0, leaves it unused)
-            width = patch_width(nargs["C"], nargs["BLOCK_K"], nargs["BLOCK_M"], nargs["P"], nargs["Q"]) or 1
-            desc.block_shape = [1, max(nargs["BLOCK_M"] // width, 1), width, nargs["BLOCK_K"]]
+            desc.block_shape = [1, nargs["BLOCK_M"] // max(width, 1), max(width, 1), nargs["BLOCK_K"]]
         else:
             desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
@@ -175,7 +215,7 @@ def patch_descriptors(x, weight, stride, flat: bool, stats: bool, prologue: bool
 def epilogue_descriptors(out, residual) -> Tuple[Optional[TensorDescriptor], ...]:
     """(o_desc, r_desc): the output, and the residual if any, as [N*P*Q, K] matrices, when both
     are dense channels_last (rows evenly spaced, channels contiguous) and 16-byte aligned; else
-    (None, None). Used unless the tile is an output patch (TILE_W)."""
+    (None, None). set_descriptor_blocks makes them 4-D for output patches."""
     def matrix(t):
         N, K, P, Q = t.shape
         if t.stride(1) == 1 and _rows_dense(t) and _aligned(t, t.stride(3)):
@@ -205,6 +245,43 @@ def row_span_fits(S: int, C: int, block_k: int) -> bool:
     return C > 0 and S * C <= block_k < 2 * S * C
 
 
+def padded_row_length(C: int, R: int, S: int) -> int:
+    """The length (elements) to which fastres's folded weights pad each filter row of a conv
+    reduced over the flattened index (kernel_weight_layout in fastres/nn/folding.py), or 0 for
+    no padding: the power of two that holds a row's S*C elements, the one BLOCK_K that reads a
+    row per step (row_span_fits)."""
+    if not use_flat_reduction(C, R, S):
+        return 0
+    return triton.next_power_of_2(S * C)
+
+
+# The buffers behind weights whose filter rows fastres padded with zeros itself (by id: a
+# tensor's == is elementwise), alive as long as the weights are (fastres's fold caches).
+_zero_padded_buffers: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def mark_zero_padded(buffer) -> None:
+    """Record that `buffer` is a (K, R, row) tensor of filter rows padded with zeros, which
+    nothing writes again (kernel_weight_layout in fastres/nn/folding.py)."""
+    _zero_padded_buffers[id(buffer)] = buffer
+
+
+def padded_rows(weight, block_k: int) -> bool:
+    """Whether the kernel may read BLOCK_K elements from the start of every filter row of this
+    (K, C, R, S) weight, past its S*C, and multiply them with the zeros it loads for x there:
+    only where those elements are known zeros (a buffer recorded by mark_zero_padded; anything
+    else there could be an Inf or NaN, and 0 * Inf is NaN), with the rows 16-byte aligned and
+    the storage holding the last row's reads."""
+    if not any(t is not None and _zero_padded_buffers.get(id(t)) is t
+               for t in (weight, weight._base)):
+        return False
+    K, C, R, S = weight.shape
+    sk, sc, sr, ss = weight.stride()
+    last_read = weight.storage_offset() + (K - 1) * sk + (R - 1) * sr + block_k
+    return (sc == 1 and ss == C and sr >= block_k and sk >= R * sr and sr % 8 == 0
+            and sk % 8 == 0 and last_read * weight.element_size() <= weight.untyped_storage().nbytes())
+
+
 def row_span_layout(x, weight, dilation) -> bool:
     """Whether each filter row's (s, c) elements are contiguous in x (channels_last, pixels C
     apart, no dilation along w) and in the weight ((K, R, S, C) layout): the flattened
@@ -212,7 +289,7 @@ def row_span_layout(x, weight, dilation) -> bool:
     C = x.shape[1]
     S = weight.shape[3]
     return (x.stride(1) == 1 and x.stride(3) == C and dilation[1] == 1
-            and weight.stride(1) == 1 and weight.stride(3) == C and weight.stride(2) == S * C)
+            and weight.stride(1) == 1 and weight.stride(3) == C and weight.stride(2) >= S * C)
 
 
 def _build_tuned_kernel():
@@ -307,6 +384,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
                                     x.element_size(), config)
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
+    row_span = flat_reduction and row_span_layout(x, weight, dilation)  # refined per config
     x_desc = w_desc = x2_desc = w2_desc = o_desc = r_desc = None
     if use_tma(tma):
         o_desc, r_desc = epilogue_descriptors(out, residual)
@@ -318,7 +396,9 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
             x2_desc, w2_desc = gemm_descriptors(x2, weight2, stride2, (0, 0))
     if meta:  # the config is known now (the autotuner sets the blocks itself, per config)
         set_descriptor_blocks(dict(meta, x_desc=x_desc, w_desc=w_desc, x2_desc=x2_desc,
-                                   w2_desc=w2_desc, o_desc=o_desc, r_desc=r_desc, C=C, P=P, Q=Q))
+                                   w2_desc=w2_desc, o_desc=o_desc, r_desc=r_desc, C=C, P=P, Q=Q,
+                                   S=S, FLAT_C=C if flat_reduction else 0, ROW_SPAN=row_span,
+                                   STATS=stats is not None))
 
     def grid(m):
         return (row_tiles(N, P, Q, m["BLOCK_M"], m["TILE_W"]) * triton.cdiv(K, m["BLOCK_N"]),)
@@ -334,7 +414,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         stride2[0], stride2[1],
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_C=C if flat_reduction else 0,
-        ROW_SPAN=flat_reduction and row_span_layout(x, weight, dilation),  # refined per config
+        ROW_SPAN=row_span,
         SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
         OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),
         UPCAST=upcast, INPUT_PRECISION=fp32_precision, INDEX_64=index_64,

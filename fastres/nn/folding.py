@@ -63,11 +63,37 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Op
     return weight, shift
 
 
+def kernel_weight_layout(weight: Tensor) -> Tensor:
+    """The weight laid out for the Triton kernel: channels_last, so each output channel's (r, s,
+    c) filter is contiguous, the kernel's reduction order. For a conv the kernel reduces over
+    the flattened (r, s, c) index one filter row at a time (the 7x7 stem: rows of S*C = 21
+    elements), each filter row is padded with zeros to fastres.launch.conv.padded_row_length
+    (32), so that the kernel reads the weight in aligned 16-byte vectors instead of 2-byte
+    gathers: a (K, C, R, S) view with strides (R * row, 1, row, C) of a (K, R, row) buffer.
+    Differentiable (views of a padded copy)."""
+    from fastres.launch.conv import mark_zero_padded, padded_row_length
+
+    K, C, R, S = weight.shape
+    row = padded_row_length(C, R, S)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    if not row:
+        return weight
+    rows = torch.nn.functional.pad(weight.permute(0, 2, 3, 1).reshape(K, R, S * C), (0, row - S * C))
+    if not torch.compiler.is_compiling():  # (traced: the graph makes its own tensor)
+        mark_zero_padded(rows)
+    return rows[:, :, :S * C].unflatten(2, (S, C)).permute(0, 3, 1, 2)
+
+
 def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
                  memory_format: torch.memory_format = torch.channels_last,
                  dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    return fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                        bn.running_var, bn.eps, dtype=dtype, memory_format=memory_format)
+    """fold_conv_bn of the modules' tensors; for the kernel (channels_last), in the layout
+    kernel_weight_layout gives it."""
+    weight, bias = fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                bn.running_var, bn.eps, dtype=dtype, memory_format=memory_format)
+    if memory_format == torch.channels_last:
+        weight = kernel_weight_layout(weight)
+    return weight, bias
 
 
 _generation = 0

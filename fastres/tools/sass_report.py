@@ -508,6 +508,7 @@ class KernelFacts:
     regs: int
     stack: int
     sass: SassAnalysis
+    constexprs: Dict[str, Any] = field(default_factory=dict)  # as the launch specialised them
 
 
 def read_kernel(compiled) -> KernelFacts:
@@ -519,8 +520,12 @@ def read_kernel(compiled) -> KernelFacts:
         res = resource_usage(path)
         functions = [f for f in parse_sass(disassemble(path)) if f.instrs]
     fn = next((f for f in functions if f.name == meta.name), functions[0])
+    names = compiled.src.fn.arg_names
+    constexprs = {names[path[0]]: value for path, value in compiled.src.constants.items()
+                  if len(path) == 1}
     return KernelFacts(meta.name, meta.hash, meta.num_warps, meta.num_stages, meta.shared,
-                       res.get("REG", 0), res.get("STACK", 0) + res.get("LOCAL", 0), analyze(fn))
+                       res.get("REG", 0), res.get("STACK", 0) + res.get("LOCAL", 0), analyze(fn),
+                       constexprs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,15 +566,6 @@ class Layer:
     def flat(self) -> bool:
         from fastres.launch.conv import use_flat_reduction
         return use_flat_reduction(self.C, self.R, self.S)
-
-    def patch_width(self, cfg: dict, variant: str) -> int:
-        """TILE_W of the output patches the kernel computes on sm_90 (0: consecutive rows), as
-        fastres.launch.conv decides it for the report's channels_last tensors."""
-        from fastres.launch.conv import patch_width
-
-        if variant != "eval" or self.R * self.S == 1 or self.stride != 1 or self.flat:
-            return 0
-        return patch_width(self.C, cfg["BLOCK_K"], cfg["BLOCK_M"], self.P, self.Q)
 
     def reductions(self, block_k: int) -> List[Reduction]:
         """The kernel's reductions with this BLOCK_K. A flat one whose filter row (S*C elements)
@@ -674,6 +670,7 @@ class Arena:
     def __init__(self) -> None:
         self._storage = None
         self._bytes = 0
+        self._keep = []
 
     def tensor(self, size, stride, dtype):
         import torch
@@ -686,6 +683,21 @@ class Arena:
 
     def channels_last(self, N, C, H, W, dtype):
         return self.tensor((N, C, H, W), (H * W * C, 1, W * C, C), dtype)
+
+    def folded_weight(self, K, C, R, S, dtype):
+        """A weight laid out as fastres's eval folding lays it out (kernel_weight_layout)."""
+        from fastres.launch.conv import padded_row_length
+
+        row = padded_row_length(C, R, S)
+        if not row:
+            return self.channels_last(K, C, R, S, dtype)
+        from fastres.launch.conv import mark_zero_padded
+
+        self.tensor((K * R * row,), (1,), dtype)  # the storage holds the padding of the last row
+        weight = self.tensor((K, C, R, S), (R * row, 1, row, C), dtype)
+        mark_zero_padded(weight)  # (compiled, never run)
+        self._keep.append(weight)
+        return weight
 
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -716,7 +728,7 @@ def launch_conv(arena: Arena, layer: Layer, dtype: str, variant: str, cfg: dict)
     dt = _torch_dtype(dtype)
     N, L = BATCH, layer
     x = arena.channels_last(N, L.C, L.H, L.W, dt)
-    w = arena.channels_last(L.K, L.C, L.R, L.S, dt)
+    w = (arena.folded_weight if variant == "eval" else arena.channels_last)(L.K, L.C, L.R, L.S, dt)
     out = arena.channels_last(N, L.K, L.P, L.Q, dt)
     bias = residual = x2 = w2 = stats = prologue = None
     if variant == "eval":
@@ -883,7 +895,7 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
                 ref = compile_one(lambda: launch_reference(arena, layer, dtype, cfg))
                 M, N, Kg = gemm_sizes(layer)
                 useful_n = N / (math.ceil(N / cfg["BLOCK_N"]) * cfg["BLOCK_N"])
-                width = layer.patch_width(cfg, variant) if arch >= 90 else 0
+                width = conv.constexprs.get("TILE_W", 0)  # what the launch chose
                 rows = row_tiles(BATCH, layer.P, layer.Q, cfg["BLOCK_M"], width)
                 if width:  # output patches: rows outside the image are computed and dropped
                     useful_n *= M / (rows * cfg["BLOCK_M"])
@@ -891,7 +903,8 @@ def run(arch: int = 90, quick: bool = False, cases_module=None, commit: Optional
                 numbers = kernel_numbers(conv, layer.reductions(cfg["BLOCK_K"]), cfg, dtype, tiles,
                                          useful_n)
                 if width:
-                    numbers["notes"].append(f"TMA over {cfg['BLOCK_M'] // width}x{width} output "
+                    by = "TMA over " if conv.constexprs.get("TMA") else ""
+                    numbers["notes"].append(f"{by}{cfg['BLOCK_M'] // width}x{width} output "
                                             f"patches: useful MMA {numbers['useful_mma']}")
                 ref_numbers = kernel_numbers(ref, [Reduction(Kg)], cfg, dtype, tiles, useful_n)
                 ratio = (None if None in (numbers["instr_per_tile"], ref_numbers["instr_per_tile"])

@@ -13,7 +13,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPE_IDS, DTYPES, FORMAT_IDS, FORMATS, assert_close, is_format, relative_error, to_format
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    FORMAT_IDS,
+    FORMATS,
+    assert_close,
+    is_format,
+    record_constexprs,
+    relative_error,
+    to_format,
+)
 
 from fastres import conv_bn_act
 from fastres.kernels.common import INTERPRETED
@@ -272,20 +282,6 @@ TMA_CASES = {
 TMA_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
 
 
-def record_constexprs(monkeypatch) -> dict:
-    """The constexprs of the next fused-conv launches, as the kernel receives them."""
-    seen = {}
-    kernel = conv_launch._kernel.fn
-    real_run = kernel.run
-
-    def run(*args, **kwargs):
-        seen.update(kwargs)
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "run", run)
-    return seen
-
-
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(TMA_CASES))
@@ -319,6 +315,8 @@ PATCH_CASES = {
     "3x3_odd_partial_patches": ((3, 32, 7, 9, 20, (3, 3), (1, 1), (1, 1), (1, 1), False, None, True), True),
     "3x3_dil2_dual_gemm": ((2, 32, 9, 8, 24, (3, 3), (1, 1), (2, 2), (2, 2), False, (40, 2), True), True),
     "5x3_rect_norelu": ((2, 32, 8, 8, 16, (5, 3), (1, 1), (2, 1), (1, 1), True, None, False), False),
+    # Two channel blocks per tap (BLOCK_K = C / 2): patches in fp32 only (patch_width).
+    "3x3_two_blocks_per_tap": ((2, 32, 8, 16, 24, (3, 3), (1, 1), (1, 1), (1, 1), True, None, True), False),
 }
 
 
@@ -333,13 +331,17 @@ def test_tma_patch_path(name, dtype, device, monkeypatch):
     c = make_case(case, dtype, torch.channels_last, device)
     guard, out = guarded_output(c, dtype, torch.channels_last, device)
     x2, w2, s2 = c["sc"] if c["sc"] else (None, None, (1, 1))
-    config = dict(TMA_CONFIG, BLOCK_K=c["x"].shape[1])
+    two_blocks = name == "3x3_two_blocks_per_tap"
+    config = dict(TMA_CONFIG, BLOCK_K=c["x"].shape[1] // (2 if two_blocks else 1))
     seen = record_constexprs(monkeypatch)
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], c["res"], x2, w2, out, c["stride"],
                               c["padding"], c["dilation"], s2, c["relu"], "ieee", config=config,
                               tma=True)
     if conv_launch.use_tma(True):
-        assert seen["TMA"] and seen["TILE_W"] > 0 and not seen["EPILOGUE_TMA"]
+        patches = not two_blocks or dtype == torch.float32
+        assert seen["TMA"] == patches and (seen["TILE_W"] > 0) == patches
+        # The output (and residual) stored (loaded) by TMA where rows are 16-byte aligned.
+        assert seen["EPILOGUE_TMA"] == (c["shape"][1] * out.element_size() % 16 == 0)
     assert_close(out, reference(c), dtype, c["L"])
     assert_guard_untouched(guard)
 
@@ -365,6 +367,8 @@ def test_patches_only_where_they_fill_the_output_and_a_tap_is_one_channel_block(
     assert fit(64, 64, 64, 56, 56) == 8  # 8x8 patches tile 56x56 exactly
     assert fit(64, 64, 128, 14, 14) == 0  # 14x14: at best 0.77 of the rows
     assert fit(128, 64, 128, 28, 28) == 0  # two channel blocks per tap: the pointer loop
+    assert fit(128, 64, 128, 56, 56, elem_bytes=4) == 16  # ... but in fp32, patches
+    assert fit(128, 32, 128, 56, 56, elem_bytes=4) == 0  # four: the pointer loop
     assert fit(32, 64, 128, 56, 56) == 0  # C < BLOCK_K
 
 
@@ -379,7 +383,8 @@ def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
     x_desc, w_desc = descriptors(x, w)
     assert x_desc.shape == [50, 32] and x_desc.strides == [32, 1]
     assert w_desc.shape == [16, 32] and w_desc.strides == [32, 1]
-    conv_launch.set_descriptor_blocks(dict(TMA_CONFIG, x_desc=x_desc, w_desc=w_desc))
+    conv_launch.set_descriptor_blocks(dict(TMA_CONFIG, x_desc=x_desc, w_desc=w_desc, S=1, FLAT_C=0,
+                                           ROW_SPAN=False, STATS=False))
     assert x_desc.block_shape == [32, 16] and w_desc.block_shape == [16, 16]
     refused = {
         "NCHW": (x.contiguous(), w),
@@ -413,24 +418,60 @@ def test_tma_only_where_the_conv_is_an_aligned_plain_gemm(device, monkeypatch):
     assert not conv_launch.use_tma(True)
 
 
-@pytest.mark.parametrize("variant", ["plain", "prologue", "index_64", "block_k_16", "block_k_64"])
+# The stem's geometry at an output (8 x 15) that 8 x 8 output patches of a 64-row tile cover
+# to 15/16, the last patch of each row partial.
+STEM_PATCH_CASE = (2, 3, 15, 29, 16, (7, 7), (2, 2), (3, 3), (1, 1), False, None, True)
+
+
+def padded_weight(w, gap_value=None):
+    """w as fastres's eval folding lays it out (filter rows zero-padded to 32 elements), or
+    with gap_value: the same strides over a buffer fastres did not fill, gaps = gap_value."""
+    from fastres.nn.folding import kernel_weight_layout
+
+    if gap_value is None:
+        return kernel_weight_layout(w)
+    K, C, R, S = w.shape
+    rows = torch.full((K, R, 32), gap_value, dtype=w.dtype, device=w.device)
+    rows[:, :, :S * C] = w.permute(0, 2, 3, 1).reshape(K, R, S * C)
+    return rows[:, :, :S * C].unflatten(2, (S, C)).permute(0, 3, 1, 2)
+
+
+STEM_VARIANTS = ["plain", "prologue", "index_64", "block_k_16", "block_k_64", "patches",
+                 "patches_prologue", "patches_tma_epilogue",
+                 "padded_weight", "padded_weight_block_k_16", "foreign_padded_weight"]
+
+
+@pytest.mark.parametrize("variant", STEM_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_stem_row_span(dtype, variant, device, monkeypatch):
     """The stem's ROW_SPAN reduction (channels_last x, (K, R, S, C) weight: one filter row's
     S*C elements per step) with the training prologue and 64-bit offsets; with BLOCK_K below
-    S*C = 21, or at twice it and above, the kernel takes the flattened (r, s, c) loop instead."""
-    c = make_case(CASES["7x7_s2_p3_stem"], dtype, torch.channels_last, device)
+    S*C = 21, or at twice it and above, the kernel takes the flattened (r, s, c) loop instead.
+    Where output patches fit, the tile is one (TILE_W), stored by TMA as a 4-D box if asked
+    (the interpreter does not by default); a weight folded by fastres (rows
+    zero-padded to 32) is read without a mask along the row (PADDED_ROWS), but the same
+    strides over gaps fastres did not write (here NaN) are not trusted."""
+    case = STEM_PATCH_CASE if "patches" in variant or "padded" in variant else CASES["7x7_s2_p3_stem"]
+    c = make_case(case, dtype, torch.channels_last, device)
     assert conv_launch.row_span_layout(c["x"], c["w"], c["dilation"])
     assert not conv_launch.row_span_layout(c["x"].contiguous(), c["w"], c["dilation"])
     assert not conv_launch.row_span_layout(c["x"], c["w"].contiguous(), c["dilation"])
+    if "padded_weight" in variant:
+        c["w"] = padded_weight(c["w"], float("nan") if variant == "foreign_padded_weight" else None)
+        assert c["w"].stride() == (7 * 32, 1, 32, 3)
+        assert conv_launch.row_span_layout(c["x"], c["w"], c["dilation"])
     guard, out = guarded_output(c, dtype, torch.channels_last, device)
-    block_k = {"block_k_16": 16, "block_k_64": 64}.get(variant, 32)
+    block_k = 16 if variant.endswith("block_k_16") else 64 if variant == "block_k_64" else 32
     config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4, num_stages=2)
-    scale_shift, ref_case = with_prologue(c, dtype, device) if variant == "prologue" else (None, c)
+    scale_shift, ref_case = with_prologue(c, dtype, device) if "prologue" in variant else (None, c)
     seen = record_constexprs(monkeypatch)
     conv_launch.fused_conv2d(c["x"], c["w"], c["bias"], None, None, None, out, c["stride"],
                               c["padding"], c["dilation"], (1, 1), c["relu"], "ieee",
-                              prologue=scale_shift, index_64=variant == "index_64", config=config)
+                              prologue=scale_shift, index_64=variant == "index_64", config=config,
+                              tma=True if variant == "patches_tma_epilogue" else None)
     assert seen["ROW_SPAN"] == (block_k == 32) and seen["FLAT_C"] == 3
+    assert seen["EPILOGUE_TMA"] == (variant == "patches_tma_epilogue" and conv_launch.use_tma(True))
+    assert seen["TILE_W"] == (8 if case is STEM_PATCH_CASE and block_k == 32 else 0)
+    assert seen["PADDED_ROWS"] == (variant == "padded_weight")
     assert_close(out, reference(ref_case), dtype, c["L"])
     assert_guard_untouched(guard)

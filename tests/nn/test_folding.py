@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, randomize_bn
+from helpers import assert_close, randomize_bn, record_constexprs
 from torch import nn
 
 import fastres
@@ -122,3 +122,32 @@ def test_block_refolds_shortcut_after_changes(device):
         block.downsample[1].running_mean.add_(1.0)
         block.downsample[0].weight.mul_(-1.0)
     check()
+
+
+def test_folded_stem_weight_reaches_the_kernel_zero_padded(monkeypatch):
+    """A 7x7 stem's folded weight has its filter rows (21 elements) zero-padded to 32, so the
+    kernel reads it in aligned vectors without a mask along the row (PADDED_ROWS), when the
+    config reads one filter row per step (BLOCK_K 32; the interpreter's default is larger).
+    The public fold_conv_bn keeps a plain channels_last weight."""
+    from fastres.launch import conv as conv_launch
+    from fastres.nn.folding import fold_modules
+
+    if fastres.ops.conv_bn_act.backend_for(torch.empty(0)) != "triton":
+        pytest.skip("the kernel runs only under TRITON_INTERPRET=1 on CPU")
+    m = randomize_bn(FusedConvBNReLU(3, 16, kernel_size=7, stride=2)).eval()
+    weight, _ = fold_modules(m[0], m[1])
+    assert weight.stride() == (7 * 32, 1, 32, 3) and conv_launch.padded_rows(weight, 32)
+    assert not conv_launch.padded_rows(weight.clone(memory_format=torch.channels_last), 32)
+    plain, _ = fold_conv_bn(m[0].weight, None, m[1].weight, m[1].bias, m[1].running_mean,
+                            m[1].running_var, m[1].eps)
+    assert plain.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(conv_launch, "INTERPRETER_CONFIG",
+                        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, GROUP_M=2))
+    seen = record_constexprs(monkeypatch)
+    x = torch.randn(2, 3, 15, 29).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = m(x)
+        ref = reference.conv_bn_act_reference(x.double(), copy.deepcopy(m[0]).double(),
+                                              copy.deepcopy(m[1]).double())
+    assert seen["PADDED_ROWS"] and seen["ROW_SPAN"] and seen["TILE_W"] == 8
+    assert_close(out, ref, torch.float32, 3 * 49)
