@@ -1,4 +1,5 @@
-"""Helpers every kernel family shares: the interpreter flag, NaN-keeping ReLU, rounding stores.
+"""Helpers every kernel family shares: the interpreter flag, rounding stores, the epilogue
+activations (NaN-keeping, as torch's).
 
 INTERPRETED is read once, when the kernels are imported: Triton chooses between its compiler and
 its interpreter when @triton.jit runs, so TRITON_INTERPRET must be set before fastres is
@@ -44,3 +45,43 @@ def relu(v):
     (the GPU's max instruction) returns the non-NaN operand; the NaN-propagating max is one
     instruction (FMNMX.NAN on sm_80+), half the compare + select it replaces."""
     return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+# The epilogue activations, by the code a kernel's ACTIVATION constexpr takes (the host names them
+# in fastres.activations).
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
+                    "hardswish": 6, "hardsigmoid": 7, "leaky_relu": 8}
+
+
+@triton.jit
+def _clamp_0_6(v):
+    """min(max(v, 0), 6) keeping NaN (torch's hardtanh / clamp)."""
+    v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(v, 6.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def activate(v, ACTIVATION: tl.constexpr, slope):
+    """The activation with code ACTIVATION (ACTIVATION_CODES) of fp32 v, as torch computes it,
+    NaN and +-inf included: SiLU, GELU and Hardswish of -inf are NaN there too (-inf * 0).
+    slope: LeakyReLU's negative slope (unused otherwise). GELU's tanh form uses
+    0.5 * (1 + tanh(y)) = sigmoid(2y), which Triton has on every backend."""
+    if ACTIVATION == 1:
+        out = relu(v)
+    elif ACTIVATION == 2:
+        out = _clamp_0_6(v)
+    elif ACTIVATION == 3:
+        out = v * tl.sigmoid(v)
+    elif ACTIVATION == 4:
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACTIVATION == 5:
+        out = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    elif ACTIVATION == 6:
+        out = v * _clamp_0_6(v + 3.0) / 6.0
+    elif ACTIVATION == 7:
+        out = _clamp_0_6(v + 3.0) / 6.0
+    elif ACTIVATION == 8:
+        out = tl.where(v > 0.0, v, v * slope)
+    else:
+        out = v
+    return out

@@ -13,7 +13,9 @@ Compile-time options (one kernel, no near-copies):
   HAS_SHORTCUT    a second GEMM into the same accumulator: a strided 1x1 conv of a second input
                   (the downsample conv1x1 + BN of a ResNet block), so that shortcut costs no
                   extra launch and its output never touches memory
-  APPLY_RELU      ReLU before the store
+  ACTIVATION      the activation before the store (kernels/common.py ACTIVATION_CODES: 0 none,
+                  1 ReLU, ReLU6, SiLU, GELU erf / tanh, Hardswish, Hardsigmoid, 8 LeakyReLU with
+                  the runtime slope act_slope)
   FLAT_C          > 0: reduce over the flattened (r, s, c) index, with C = FLAT_C known at
                   compile time, instead of one filter tap's block of channels per step; used
                   when C is small (the 7x7 stem has C = 3), where padding each tap's channel
@@ -57,7 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastres.kernels.common import relu, round_to
+from fastres.kernels.common import activate, relu, round_to
 
 
 @triton.jit
@@ -329,10 +331,10 @@ def fused_conv2d_kernel(
         stride_rn, stride_rc, stride_rh, stride_rw,
         stride_on, stride_oc, stride_oh, stride_ow,
         conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-        shortcut_stride_h, shortcut_stride_w,
+        shortcut_stride_h, shortcut_stride_w, act_slope,
         R: tl.constexpr, S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-        APPLY_RELU: tl.constexpr, FLAT_C: tl.constexpr, ROW_SPAN: tl.constexpr,
+        ACTIVATION: tl.constexpr, FLAT_C: tl.constexpr, ROW_SPAN: tl.constexpr,
         PADDED_ROWS: tl.constexpr, EVEN_C: tl.constexpr,
         EVEN_C2: tl.constexpr, SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr,
         RES_ROWS_DENSE: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
@@ -342,7 +344,7 @@ def fused_conv2d_kernel(
         STATS_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
-    """out = relu?(conv(prologue?(x), w) + bias + conv1x1(x2, w2) + residual), stats of it.
+    """out = act(conv(prologue?(x), w) + bias + conv1x1(x2, w2) + residual), stats of it.
 
     Tensors (element strides, any layout; pointers not used by the options are placeholders):
       x_ptr      input (N, C, H, W), strides stride_x{n,c,h,w}
@@ -363,8 +365,9 @@ def fused_conv2d_kernel(
                  or with TILE_W as [N, P, Q, K], block [1, TILE_H, TILE_W, BLOCK_N]
                                                                       [EPILOGUE_TMA]
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
-    of the 1x1 shortcut conv (unpadded). Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or
-    with TILE_W, N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N).
+    of the 1x1 shortcut conv (unpadded); act_slope: LeakyReLU's negative slope.
+    Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or with TILE_W,
+    N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N).
     Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
     C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), NESTED (loop over taps, then
     channel blocks, for many channel blocks per tap), SPATIAL_MASK (taps can leave the
@@ -485,8 +488,8 @@ def fused_conv2d_kernel(
             r_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_rn, stride_rc,
                                   stride_rh, stride_rw, RES_ROWS_DENSE)
             acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        acc = relu(acc)
+    if ACTIVATION != 0:
+        acc = activate(acc, ACTIVATION, act_slope)
     if EPILOGUE_TMA and TILE_W > 0:
         # The 4-D descriptor clips the patch's rows and columns outside the output.
         o_desc.store([tile_n, p0, q0, pid_n * BLOCK_N],

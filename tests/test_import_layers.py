@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "fastres.kernels": 0,              # @triton.jit code only
     "fastres.reference": 0,            # the unfused oracle, torch only
+    "fastres.activations": 0,          # activation names, codes and torch functions
     "fastres.interpreter_support": 0,
     "fastres.launch": 1,               # host side of the kernels
     "fastres.ops": 2,                  # torch.library custom ops

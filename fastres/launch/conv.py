@@ -12,6 +12,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastres import activations
 from fastres.kernels.common import INTERPRETED
 from fastres.kernels.conv import fused_conv2d_kernel
 from fastres.launch import configs
@@ -339,7 +340,7 @@ def _rows_dense(t) -> bool:
 
 
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
-                 stride2, relu: bool, fp32_precision: str = "ieee", flat_reduction=None,
+                 stride2, activation, fp32_precision: str = "ieee", flat_reduction=None,
                  index_64=None, prologue=None, stats=None, config: Optional[dict] = None,
                  tma: Optional[bool] = None):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
@@ -347,6 +348,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
     residual: (N, K, P, Q) or None; x2/weight2: shortcut input (N, C2, H2, W2) and its 1x1 weight
     (K, C2, 1, 1), or None.
+    activation: applied before the store: a name from fastres.activations (or its (name, slope)
+    pair, for "leaky_relu"), True for ReLU, False for none.
     prologue: (scale, shift), fp32 (C,) each: x is read as relu(x * scale + shift) per channel.
     stats: fp32 (stats_chunks(M), 2, K) to fill with per-chunk (mean, M2) of the output.
     flat_reduction / index_64: None chooses by the problem; tests force each variant.
@@ -357,6 +360,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     GPUs (use_tma).
     """
     global _launches
+    act, slope = (activation if isinstance(activation, tuple) else activations.resolve(activation))
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     _, _, P, Q = out.shape
@@ -411,9 +415,9 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         *x.stride(), *weight.stride(), *x2_strides, w2_strides[0], w2_strides[1], *res_strides,
         *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        stride2[0], stride2[1],
+        stride2[0], stride2[1], slope,
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        HAS_SHORTCUT=has_shortcut, APPLY_RELU=relu, FLAT_C=C if flat_reduction else 0,
+        HAS_SHORTCUT=has_shortcut, ACTIVATION=activations.code(act), FLAT_C=C if flat_reduction else 0,
         ROW_SPAN=row_span,
         SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
         OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),

@@ -1,6 +1,6 @@
 """Functional entry point of the fused convolution, registered as a torch custom op.
 
-`conv_bn_act` computes  relu?( conv(x, weight) + bias + shortcut_conv(x2, weight2) + residual )
+`conv_bn_act` computes  act( conv(x, weight) + bias + shortcut_conv(x2, weight2) + residual )
 with the BatchNorm already folded into `weight`/`bias` (see fastres.nn.folding). Where it runs:
 
 * CUDA tensors: the Triton kernel (kernels/conv.py, launched by fastres.launch.conv).
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from fastres import activations
 from fastres.kernels.common import INTERPRETED
 from fastres.launch import alloc
 from fastres.launch import conv as conv_launch
@@ -175,7 +176,8 @@ def empty_output(x: Tensor, shape) -> Tensor:
 def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                       shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
                       stride: List[int], padding: List[int], dilation: List[int],
-                      shortcut_stride: List[int], relu: bool, fp32_precision: str) -> Tensor:
+                      shortcut_stride: List[int], activation: str, negative_slope: float,
+                      fp32_precision: str) -> Tensor:
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                         dilation, shortcut_stride, fp32_precision)
     if backend_for(x) == "triton":
@@ -183,26 +185,29 @@ def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
         if out.numel() == 0:
             return out
         return conv_launch.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
-                                        out, stride, padding, dilation, shortcut_stride, relu,
-                                        fp32_precision)
+                                        out, stride, padding, dilation, shortcut_stride,
+                                        (activation, negative_slope), fp32_precision)
     out = torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride,
-                            padding, dilation, shortcut_stride, relu)
+                            padding, dilation, shortcut_stride, (activation, negative_slope))
     # The fake implementation promises the input's memory format; keep that promise.
     return out.contiguous(memory_format=output_memory_format(x))
 
 
 def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                      dilation, shortcut_stride, relu: bool) -> Tensor:
+                      dilation, shortcut_stride, activation) -> Tensor:
     """The folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops
-    on the fresh output. Shapes are not validated here (F.conv2d checks its own)."""
+    on the fresh output. activation: as fastres.launch.conv.fused_conv2d takes it (a name, a
+    (name, slope) pair, or a bool for ReLU). Shapes are not validated here (F.conv2d checks
+    its own)."""
     out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
     if shortcut_input is not None:
         out.add_(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride))
     if residual is not None:
         out.add_(residual)
-    if relu:
-        out.relu_()
-    return out
+    if activation is True:
+        return out.relu_()
+    act, slope = activation if isinstance(activation, tuple) else activations.resolve(activation)
+    return activations.apply(out, act, slope, inplace=True)
 
 
 def execution_plan(x: Tensor) -> Tuple[bool, torch.memory_format]:
@@ -227,7 +232,8 @@ _conv_bn_act = torch.library.custom_op("fastres::conv_bn_act", _conv_bn_act_impl
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, residual, x2, w2, stride, padding, dilation, stride2, relu, _) = inputs
+    (x, weight, bias, residual, x2, w2, stride, padding, dilation, stride2, act, _, _) = inputs
+    relu = act == "relu"  # (conv_bn_act records other activations outside the op)
     # The output doubles as the ReLU mask (it is the next layer's input anyway, so saving it
     # costs no extra memory); no pre-activation copy is kept.
     ctx.save_for_backward(x, weight, x2, w2, output if relu else None)
@@ -260,7 +266,7 @@ def _backward(ctx, grad):
     dx2 = dw2 = None
     if x2 is not None:
         dx2, dw2, _ = conv_grads(g, x2, w2, stride2, [0, 0], [1, 1], (needs[4], needs[5], False))
-    return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None
+    return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None, None
 
 
 _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
@@ -268,7 +274,7 @@ _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
 @_conv_bn_act.register_fake
 def _conv_bn_act_fake(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                      dilation, shortcut_stride, relu, fp32_precision):
+                      dilation, shortcut_stride, activation, negative_slope, fp32_precision):
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                         dilation, shortcut_stride, fp32_precision)
     return empty_output(x, shape)
@@ -277,18 +283,26 @@ def _conv_bn_act_fake(x, weight, bias, residual, shortcut_input, shortcut_weight
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = 1,
                 padding: IntPair = 0, dilation: IntPair = 1, residual: Optional[Tensor] = None,
                 shortcut: Optional[Tuple[Tensor, Tensor, IntPair]] = None, relu: bool = True,
+                activation: Optional[str] = None, negative_slope: float = 0.01,
                 fp32_precision: Optional[str] = None) -> Tensor:
-    """relu?(conv2d(x, weight, stride, padding, dilation) + bias [+ shortcut] [+ residual]).
+    """act(conv2d(x, weight, stride, padding, dilation) + bias [+ shortcut] [+ residual]).
 
     x: (N, C, H, W) float32/float16/bfloat16, NCHW-contiguous, channels_last or any strides.
     weight: (K, C, R, S) of x's dtype (BatchNorm already folded in: see fastres.fold_conv_bn).
     bias: (K,) per-output-channel shift, computed in float32 (other dtypes are converted).
-    residual: (N, K, P, Q) added before the ReLU (the identity shortcut of a ResNet block).
-    shortcut: (x2, weight2, stride2): a 1x1 conv of x2 with stride2 added before the ReLU
+    residual: (N, K, P, Q) added before the activation (the identity shortcut of a ResNet block).
+    shortcut: (x2, weight2, stride2): a 1x1 conv of x2 with stride2 added before the activation
         (the folded downsample of a ResNet block; put its BN shift into `bias`).
+    relu: the activation is ReLU (True) or none (False), unless `activation` is given.
+    activation: one of fastres.activations.NAMES ("identity", "relu", "relu6", "silu", "gelu",
+        "gelu_tanh", "hardswish", "hardsigmoid", "leaky_relu"), computed as torch computes it
+        (NaN and inf included); negative_slope: leaky_relu's.
     fp32_precision: "ieee" or "tf32" for float32 inputs on the GPU; default get_fp32_precision().
     Returns (N, K, P, Q) in x's memory format. Raises ValueError/TypeError on bad input.
+    Gradients: the op's own backward for ReLU and none; other activations are recorded by
+    autograd as the torch function after the op (one more elementwise pass, only then).
     """
+    act, slope = activations.resolve(relu if activation is None else activation, negative_slope)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     x2 = w2 = None
@@ -297,11 +311,15 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
         x2, w2, s2 = shortcut
         stride2 = _pair(s2, "shortcut stride")
     args = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
-            _pair(dilation, "dilation"), stride2, relu, fp32_precision or get_fp32_precision())
+            _pair(dilation, "dilation"), stride2, act, slope, fp32_precision or get_fp32_precision())
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual, x2, w2))
+    if recording and act not in ("relu", "identity"):
+        # The op's backward knows the ReLU mask (its output); other activations need their
+        # input, so autograd records the activation itself after an identity epilogue.
+        return activations.apply(_conv_bn_act(*args[:10], "identity", 0.0, args[12]), act, slope)
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _get_current_dispatch_mode() is not None) or (
-            torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias, residual, x2, w2))):
+            or _get_current_dispatch_mode() is not None) or recording:
         return _conv_bn_act(*args)
     # Plain eager calls with nothing to differentiate skip the dispatcher's custom-op machinery,
     # which costs more than a small convolution; the implementation is the same function.

@@ -9,7 +9,8 @@ arguments would (signature, constexpr options, config), then returns. fastres's 
 then run on small CPU tensors inside fastres.launch.target.compile_only(), where they take the
 Triton path and the first candidate config, untimed: eval-mode blocks, the stem, and training
 steps (forward and backward), in each dtype and memory format, plus every config of
-fastres/launch/conv_configs.json for its problem class. Nothing executes, so the numbers those
+fastres/launch/conv_configs.json for its problem class, and each epilogue activation
+(fastres.activations) on a 3x3 conv. Nothing executes, so the numbers those
 paths produce are meaningless; only the compilation is checked, and each kernel's shared memory
 against the target's per-block limit.
 
@@ -28,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fastres import activations
 from fastres.kernels.common import INTERPRETED
 from fastres.launch import configs
 from fastres.launch.conv import fused_conv2d, stats_chunks
@@ -218,6 +220,21 @@ def _config_run(cfg, C, R, pad, small, dtype, training, label):
     return run
 
 
+def _activation_scenarios(dtypes) -> List[Scenario]:
+    """Every epilogue activation other than ReLU and none (which the models and configs cover),
+    on a 3x3 conv with a residual, with the config fastres picks first."""
+    def make(name, dtype):
+        def run(report: CompileReport):
+            x = torch.randn(4, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            out = torch.empty_like(x)
+            fused_conv2d(x, w, torch.zeros(64), torch.empty_like(x), None, None, out, (1, 1), (1, 1),
+                         (1, 1), (1, 1), (name, 0.1), "tf32")
+        return run
+    return [(f"activation {name} {dtype}", make(name, dtype)) for dtype in dtypes
+            for name in activations.NAMES if name not in ("relu", "identity")]
+
+
 def run(arch: int = 90, quick: bool = False) -> CompileReport:
     if INTERPRETED:
         raise RuntimeError("compile-check needs the real Triton JIT: unset TRITON_INTERPRET before "
@@ -225,7 +242,8 @@ def run(arch: int = 90, quick: bool = False) -> CompileReport:
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     formats = [torch.channels_last] if quick else [torch.channels_last, torch.contiguous_format]
     report = CompileReport(arch)
-    scenarios = _model_scenarios(dtypes, formats) + _config_scenarios(dtypes)
+    scenarios = (_model_scenarios(dtypes, formats) + _config_scenarios(dtypes)
+                 + _activation_scenarios(dtypes))
     with _compile_only(Target.for_arch(arch), report):
         for label, scenario in scenarios:
             report.scenarios += 1
