@@ -69,8 +69,9 @@ def apply(out: Tensor, name: str, slope: float = 0.0, inplace: bool = False) -> 
 
 def of_module(module: Optional[nn.Module]) -> Optional[Tuple[str, float]]:
     """(name, slope) of an activation module whose forward is exactly one of NAMES (the exact
-    class: a subclass may override forward), else None. nn.Identity is "identity"."""
-    kind = type(module)
+    class: a subclass may override forward; a module fastres folded counts as its original
+    class), else None. nn.Identity is "identity"."""
+    kind = getattr(type(module), "_fastres_original_class", None) or type(module)
     if kind is nn.ReLU:
         return "relu", 0.0
     if kind is nn.ReLU6:

@@ -17,31 +17,38 @@ nothing is copied or replaced, and restore() swaps the classes back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
+from fastres import activations
 from fastres.nn.anatomy import (
     BLOCK_STAGES,
     block_kind,
+    bn_act_reason,
     bn_train_unfusable_reason,
     bn_unfusable_reason,
     conv_unfusable_reason,
     global_hooks_registered,
     hooks_reason,
+    is_bn_act,
+    submodule_hooks_reason,
 )
 from fastres.nn.blocks import FusedBlockBase, fuse_block, unswap_block
 from fastres.nn.modules import (
-    FoldedBatchNorm2d,
-    FoldedReLU,
     FusedConv2d,
     FusedConvBNReLU,
+    is_folded,
     unswap_chain_module,
 )
 
-_FASTRES_MODULES = (FusedBlockBase, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d, FoldedReLU)
+_FASTRES_MODULES = (FusedBlockBase, FusedConvBNReLU, FusedConv2d)
+
+
+def _is_fastres(m: nn.Module) -> bool:
+    return isinstance(m, _FASTRES_MODULES) or is_folded(m)
 
 
 @dataclass
@@ -98,7 +105,7 @@ def fusion_report(model: nn.Module) -> Optional[FusionReport]:
 def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust: tuple) -> None:
     done = {}  # id(block) -> path, for blocks reachable under several names
     for parent_name, parent in list(model.named_modules()):
-        if isinstance(parent, _FASTRES_MODULES):
+        if _is_fastres(parent):
             continue
         for name, child in list(parent._modules.items()):
             if child is None:
@@ -110,7 +117,7 @@ def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust:
                     report.add(path, first.kind, first.fused,
                                f"the same module as {first.path}" + (f": {first.detail}" if first.detail else ""))
                 continue
-            if isinstance(child, _FASTRES_MODULES):
+            if _is_fastres(child):
                 continue
             kind = block_kind(child)
             if kind is None:
@@ -133,21 +140,43 @@ def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust:
 
 class _LeafTracer(torch.fx.Tracer):
     """Fused modules are leaves, and so is any module with hooks: torch.fx would otherwise call
-    it, firing user hooks on proxies (optimize() never runs user hooks)."""
+    it, firing user hooks on proxies (optimize() never runs user hooks). timm's BatchNormAct2d
+    is a leaf too: a BN with its activation, one node the chain search can fold."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, _FASTRES_MODULES) or hooks_reason(m) is not None
+        return (_is_fastres(m) or hooks_reason(m) is not None or is_bn_act(m)
                 or super().is_leaf_module(m, qualname))
 
 
-def _is_relu_call(node: torch.fx.Node, model: nn.Module) -> bool:
-    if node.op == "call_module":
-        return type(model.get_submodule(node.target)) is nn.ReLU
+# Activations the graph may apply by a function (or a module shared with other users), which
+# then runs anyway: the kernel may apply them too only where doing it twice changes nothing.
+_IDEMPOTENT = ("relu", "relu6", "identity")
+
+
+def _function_activation(node: torch.fx.Node) -> Optional[Tuple[str, float]]:
+    """The activation a call_function / call_method node applies to its first argument, for the
+    functions whose result the kernel can compute (fastres.activations), else None."""
+    F = torch.nn.functional
     if node.op == "call_function":
-        return node.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
-    if node.op == "call_method":
-        return node.target in ("relu", "relu_")
-    return False
+        simple = {torch.relu: "relu", F.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
+                  F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
+        if node.target in simple and len(node.args) == 1:
+            return simple[node.target], 0.0
+        if node.target is F.gelu and len(node.args) == 1:
+            approximate = node.kwargs.get("approximate", "none")
+            return ({"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(approximate)
+                    if isinstance(approximate, str) else None)
+        if node.target is F.leaky_relu:
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu", 0.0
+    return None
+
+
+def _chain_kind(activation: Optional[Tuple[str, float]]) -> str:
+    return "conv+bn" if activation is None or activation[0] == "identity" else f"conv+bn+{activation[0]}"
 
 
 def _convert_chains(model: nn.Module, report: FusionReport) -> None:
@@ -176,29 +205,47 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         if bn_node.op != "call_module" or bn_node.args[0] is not node or len(bn_node.args) != 1:
             continue
         bn = model.get_submodule(bn_node.target)
-        if type(bn) is not nn.BatchNorm2d:
+        bn_act = is_bn_act(bn)
+        if type(bn) is not nn.BatchNorm2d and not bn_act:
             continue
-        relu_node = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
-        fuse_relu = relu_node is not None and _is_relu_call(relu_node, model)
-        kind = "conv+bn+relu" if fuse_relu else "conv+bn"
-        relu = None
-        if fuse_relu and relu_node.op == "call_module" and calls[id(model.get_submodule(relu_node.target))] == 1:
-            relu = model.get_submodule(relu_node.target)
+        act = function_act = None
+        if bn_act:
+            activation = activations.of_module(bn.act)
+            detail_act = f"its act ({type(bn.act).__name__}) fused"
+        else:
+            activation, detail_act = None, ""
+            act_node = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
+            if act_node is not None and act_node.args and act_node.args[0] is bn_node:
+                if act_node.op == "call_module":
+                    module = model.get_submodule(act_node.target)
+                    activation = activations.of_module(module) if len(act_node.args) == 1 else None
+                    if activation is not None and calls[id(module)] == 1:
+                        act, detail_act = module, f"{type(module).__name__} {act_node.target} fused"
+                else:
+                    activation = _function_activation(act_node)
+                if activation is not None and act is None:
+                    if activation[0] in _IDEMPOTENT:
+                        function_act = activation
+                        detail_act = (f"{activation[0]} applied in the kernel (the op also stays: "
+                                      "it is a function or a shared module)")
+                    else:
+                        activation = None  # it runs after the chain, unfused
+        kind = _chain_kind(activation)
         if calls[id(conv)] > 1 or calls[id(bn)] > 1:
             report.add(node.target, kind, False, "the conv or BN module is called more than once")
             continue
-        reason = (conv_unfusable_reason(conv) or bn_unfusable_reason(bn, conv.out_channels)
-                  or hooks_reason(conv) or hooks_reason(bn) or (relu is not None and hooks_reason(relu)))
+        reason = (conv_unfusable_reason(conv)
+                  or bn_unfusable_reason(bn, conv.out_channels, (type(bn),))
+                  or hooks_reason(conv) or hooks_reason(bn) or (act is not None and hooks_reason(act))
+                  or (bn_act and (submodule_hooks_reason(bn) or bn_act_reason(bn))))
         if reason:
             report.add(node.target, kind, False, reason)
             continue
-        FusedConv2d.from_conv(conv, bn, relu, fuse_relu)
-        detail = f"BN {bn_node.target} folded"
-        if relu is not None:
-            detail += f", ReLU {relu_node.target} fused"
-        elif fuse_relu:
-            detail += ", ReLU applied in the kernel (the ReLU op also stays: it is shared)"
-        train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (FoldedBatchNorm2d,))
+        FusedConv2d.from_conv(conv, bn, act, function_act)
+        detail = f"{type(bn).__name__} {bn_node.target} folded" + (f", {detail_act}" if detail_act else "")
+        train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (type(bn),))
+        if not train_reason and activation is not None and activation[0] not in ("relu", "identity"):
+            train_reason = f"{activation[0]} is fused in eval mode only"
         detail += f"; train mode runs unfused: {train_reason}" if train_reason else "; trains fused"
         report.add(node.target, kind, True, detail)
 
@@ -239,7 +286,7 @@ def optimize(model: nn.Module, *, blocks: bool = True, chains: bool = True, veri
     The report (fastres.fusion_report(model)) lists what was fused, what was left alone, and
     why; calling optimize() again adds to it. Works in train or eval mode.
     """
-    if isinstance(model, _FASTRES_MODULES):
+    if _is_fastres(model):
         raise ValueError("optimize(): pass the model that contains the blocks, not a fastres module")
     previous = fusion_report(model)
     report = FusionReport()
@@ -262,7 +309,7 @@ def restore(model: nn.Module) -> nn.Module:
     for m in list(model.modules()):
         if isinstance(m, FusedBlockBase) and type(m)._fastres_original_class is not None:
             unswap_block(m)
-        elif isinstance(m, (FusedConv2d, FoldedBatchNorm2d, FoldedReLU)):
+        elif isinstance(m, FusedConv2d) or is_folded(m):
             unswap_chain_module(m)
     model.__dict__.pop("_fastres_report", None)
     return model

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastres import reference
+from fastres import activations, reference
 from fastres.ops.conv_bn_act import SUPPORTED_DTYPES, backend_for, conv_padding
 
 # The convs of each block kind, in order; each conv<i> is followed by bn<i>.
@@ -401,25 +401,75 @@ def sequential_reason(seq: nn.Module, train: bool) -> Optional[str]:
     return conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
 
 
-def chain_reason(conv: nn.Module) -> Optional[str]:
-    """Why the conv -> BN (-> ReLU) chain that `conv` (a FusedConv2d) heads runs as three plain
-    modules right now (None: fused). Its BN and ReLU are the FoldedBatchNorm2d/FoldedReLU
-    optimize() made of them (their exact classes set _fastres_folded; the conv's sets
-    _fastres_chain_head), kept in the conv's state `_fastres_bn`, `_fastres_relu`."""
+def timm_bn_act_class() -> Optional[type]:
+    """timm's BatchNormAct2d (a BatchNorm2d that applies its `drop` and `act` children after
+    normalising), if timm is loaded; fastres does not import timm itself."""
+    mod = sys.modules.get("timm.layers.norm_act")
+    return getattr(mod, "BatchNormAct2d", None) if mod is not None else None
+
+
+def original_class(m: nn.Module) -> type:
+    """m's class before fastres swapped it (its own class if fastres did not)."""
+    return getattr(type(m), "_fastres_original_class", None) or type(m)
+
+
+def is_bn_act(bn: nn.Module) -> bool:
+    """Whether bn is (or was, before fastres folded it) exactly timm's BatchNormAct2d."""
+    cls = timm_bn_act_class()
+    return cls is not None and original_class(bn) is cls
+
+
+def bn_act_reason(bn: nn.Module) -> Optional[str]:
+    """Why the activation part of a BatchNormAct2d cannot go into the kernel's epilogue (None:
+    it can): its act must be one the kernel computes and its drop an identity (in the BN's
+    current mode)."""
+    if activations.of_module(bn.act) is None:
+        return f"its act is {type(bn.act).__name__}, which the kernel does not compute"
+    if not acts_as_identity(bn.drop):
+        return f"its drop ({type(bn.drop).__name__}) is not an identity in this mode"
+    return None
+
+
+def chain_activation(conv: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, slope) of the activation the chain that `conv` (a FusedConv2d) heads applies
+    after its BN, read off the modules now (a module's slope may have changed since): the
+    BatchNormAct2d's act, the activation module after the BN, or the functional activation
+    optimize() found; ("identity", 0.0) for none; None if it is no longer one the kernel
+    computes."""
     d = conv.__dict__
-    bn, relu = d["_fastres_bn"], d["_fastres_relu"]
+    bn, act = d["_fastres_bn"], d["_fastres_act"]
+    if is_bn_act(bn):
+        return activations.of_module(bn.act)
+    if act is not None:
+        return activations.of_module(act)
+    return d["_fastres_function_act"] or ("identity", 0.0)
+
+
+def chain_reason(conv: nn.Module) -> Optional[str]:
+    """Why the conv -> BN (-> activation) chain that `conv` (a FusedConv2d) heads runs as plain
+    modules right now (None: fused). Its BN and activation module are the folded classes
+    optimize() made of them (their exact classes set _fastres_folded; the conv's sets
+    _fastres_chain_head), kept in the conv's state `_fastres_bn`, `_fastres_act`."""
+    d = conv.__dict__
+    bn, act = d["_fastres_bn"], d["_fastres_act"]
     if bn.training and torch.jit.is_tracing():
         return "TorchScript tracing in train mode traces the unfused modules"
     if not _own_flag(bn, "_fastres_folded") or (
-            relu is not None and not _own_flag(relu, "_fastres_folded")):
-        return "the BN or ReLU was replaced or changed class"
-    for m in (conv, bn, relu):
+            act is not None and not _own_flag(act, "_fastres_folded")):
+        return "the BN or activation was replaced or changed class"
+    for m in (conv, bn, act):
         if m is not None:
             reason = hooks_reason(m)
             if reason:
                 return reason
     if global_hooks_registered():
         return "global module hooks are registered"
+    if is_bn_act(bn):
+        reason = submodule_hooks_reason(bn) or bn_act_reason(bn)
+        if reason:
+            return f"{type(bn).__name__}: {reason}"
+    elif chain_activation(conv) is None:
+        return f"the activation is {type(act).__name__}, which the kernel does not compute"
     bn_reason = bn_train_unfusable_reason if bn.training else bn_unfusable_reason
     if not _own_flag(conv, "_fastres_chain_head"):
         return f"{type(conv).__name__} is not fastres's chain conv"

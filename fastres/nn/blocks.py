@@ -39,11 +39,10 @@ from fastres.nn.anatomy import (
 )
 from fastres.nn.folding import FoldCache
 from fastres.nn.modules import (
-    FoldedBatchNorm2d,
-    FoldedReLU,
     FusedConv2d,
     FusedConvBNReLU,
     drop_fastres_state,
+    is_folded,
     script_error,
 )
 from fastres.nn.plan import plan, run
@@ -223,8 +222,7 @@ _OWN_FORWARD = KnownForward("fastres")
 # Fusing an existing block in place
 
 def _is_fastres_module(m: nn.Module) -> bool:
-    return isinstance(m, (FusedBlockBase, FusedConvBNReLU, FusedConv2d, FoldedBatchNorm2d,
-                          FoldedReLU))
+    return isinstance(m, (FusedBlockBase, FusedConvBNReLU, FusedConv2d)) or is_folded(m)
 
 
 def _block_unfusable_reason(block: nn.Module, kind: str) -> Optional[str]:

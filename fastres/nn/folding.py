@@ -73,14 +73,15 @@ def kernel_weight_layout(weight: Tensor) -> Tensor:
     Differentiable (views of a padded copy)."""
     from fastres.launch.conv import mark_zero_padded, padded_row_length
 
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return weight  # (traced: the kernel trusts only padding it saw made, see padded_rows)
     K, C, R, S = weight.shape
     row = padded_row_length(C, R, S)
-    weight = weight.contiguous(memory_format=torch.channels_last)
     if not row:
         return weight
     rows = torch.nn.functional.pad(weight.permute(0, 2, 3, 1).reshape(K, R, S * C), (0, row - S * C))
-    if not torch.compiler.is_compiling():  # (traced: the graph makes its own tensor)
-        mark_zero_padded(rows)
+    mark_zero_padded(rows)
     return rows[:, :, :S * C].unflatten(2, (S, C)).permute(0, 3, 1, 2)
 
 

@@ -16,17 +16,18 @@ What a call runs is decided by fastres.nn.plan; the ResNet blocks are in fastres
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastres import activations
 from fastres.nn.anatomy import (
     bn_unfusable_reason,
     chain_reason,
     conv_unfusable_reason,
     hooks_reason,
+    original_class,
     sequential_reason,
 )
 from fastres.nn.folding import FoldCache
@@ -118,26 +119,29 @@ class FusedConvBNReLU(nn.Sequential):
 # conv -> bn -> relu chain whose modules are attributes of a parent (the ResNet stem)
 
 class FusedConv2d(nn.Conv2d):
-    """An nn.Conv2d that also applies the BatchNorm after it and optionally the following ReLU:
-    folded in eval mode, with batch statistics (fastres::block_train) in train mode. Made by
-    fastres.optimize() from the conv itself (its class swapped, see above)."""
+    """An nn.Conv2d that also applies the BatchNorm after it and optionally the activation after
+    that: folded in eval mode, with batch statistics (fastres::block_train) in train mode for
+    ReLU or none. Made by fastres.optimize() from the conv itself (its class swapped, see
+    above)."""
 
     _fastres_unit = "chain"
     _fastres_chain_head = True  # (fastres.nn.anatomy.chain_reason checks the exact class)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[nn.ReLU],
-                  fuse_relu: bool) -> "FusedConv2d":
-        """Swap conv, bn (and relu, the ReLU module after them, if it is called only there)
-        in place; fuse_relu: apply a ReLU in the kernel (a functional or shared one stays)."""
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module],
+                  function_act: Optional[Tuple[str, float]] = None) -> "FusedConv2d":
+        """Swap conv, bn (an nn.BatchNorm2d, or timm's BatchNormAct2d, whose own act the kernel
+        applies) and act (the activation module after them, if it is called only there) in
+        place. function_act: an idempotent activation (ReLU, ReLU6) the graph applies by a
+        function or a shared module, which the kernel applies too (the op stays)."""
         conv.__class__ = cls
-        conv.__dict__.update(_fastres_bn=bn, _fastres_relu=relu, _fastres_fuse_relu=fuse_relu,
+        conv.__dict__.update(_fastres_bn=bn, _fastres_act=act, _fastres_function_act=function_act,
                              _fastres_fold_cache=FoldCache())
-        bn.__class__ = FoldedBatchNorm2d
+        bn.__class__ = folded_class(type(bn))
         bn.__dict__["_fastres_conv"] = conv
-        if relu is not None:
-            relu.__class__ = FoldedReLU
-            relu.__dict__["_fastres_conv"] = conv
+        if act is not None:
+            act.__class__ = folded_class(type(act))
+            act.__dict__["_fastres_conv"] = conv
         return conv
 
     @property
@@ -148,15 +152,20 @@ class FusedConv2d(nn.Conv2d):
         return run(self, plan(self, (x,), {}), (x,), {})
 
     def _fastres_unfused(self, x: Tensor) -> Tensor:
-        return nn.Conv2d.forward(self, x)  # the BN and ReLU run themselves
+        return nn.Conv2d.forward(self, x)  # the BN and activation run themselves
 
     def _fastres_reference(self, x: Tensor) -> Tensor:
-        """conv -> BN (-> ReLU) by the unfused modules' own code, with nn.BatchNorm2d's
-        bookkeeping in train mode (running statistics, num_batches_tracked); the BN and ReLU
-        modules pass this through."""
+        """conv -> BN (-> activation) by the unfused modules' own code, with the BN's
+        bookkeeping in train mode (running statistics, num_batches_tracked); the BN and
+        activation modules pass this through."""
         d = self.__dict__
-        out = nn.BatchNorm2d.forward(d["_fastres_bn"], nn.Conv2d.forward(self, x))
-        return F.relu(out) if d["_fastres_fuse_relu"] else out
+        bn, act = d["_fastres_bn"], d["_fastres_act"]
+        out = original_class(bn).forward(bn, nn.Conv2d.forward(self, x))  # (a BatchNormAct2d's act too)
+        if act is not None:
+            return original_class(act).forward(act, out)
+        if d["_fastres_function_act"] is not None:
+            return activations.apply(out, *d["_fastres_function_act"])
+        return out
 
     __prepare_scriptable__ = script_error
 
@@ -179,6 +188,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     otherwise."""
 
     _fastres_folded = True
+    _fastres_original_class = nn.BatchNorm2d
 
     def forward(self, x: Tensor) -> Tensor:
         return _fx_leaf_or(self, x, nn.BatchNorm2d.forward)
@@ -190,6 +200,7 @@ class FoldedReLU(nn.ReLU):
     """A ReLU fused into the FusedConv2d before it: an identity while the chain is fused."""
 
     _fastres_folded = True
+    _fastres_original_class = nn.ReLU
 
     def forward(self, x: Tensor) -> Tensor:
         return _fx_leaf_or(self, x, nn.ReLU.forward)
@@ -197,10 +208,46 @@ class FoldedReLU(nn.ReLU):
     __prepare_scriptable__ = script_error
 
 
-_CHAIN_ORIGINALS = {FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d, FoldedReLU: nn.ReLU}
+class _Folded:
+    """What the folded class of any other module (an activation, timm's BatchNormAct2d) adds to
+    it: the identity while the chain is fused, its own forward otherwise (as FoldedReLU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _fx_leaf_or(self, x, type(self)._fastres_original_class.forward)
+
+    def __reduce_ex__(self, protocol):
+        # Made at run time, the class cannot be found by name: pickle (and deepcopy) rebuild it
+        # from the original class, which can.
+        return (_rebuild_folded, (type(self)._fastres_original_class,), self.__dict__.copy())
+
+    __prepare_scriptable__ = script_error
+
+
+_folded_classes: Dict[type, type] = {nn.BatchNorm2d: FoldedBatchNorm2d, nn.ReLU: FoldedReLU}
+
+
+def folded_class(original: type) -> type:
+    """The class a module of class `original` gets when it is folded into a FusedConv2d: a
+    subclass of it (isinstance, attributes and state_dict keys stay)."""
+    cls = _folded_classes.get(original)
+    if cls is None:
+        cls = type(f"Folded{original.__name__}", (_Folded, original),
+                   {"_fastres_folded": True, "_fastres_original_class": original,
+                    "__module__": original.__module__, "__qualname__": f"Folded{original.__qualname__}"})
+        _folded_classes[original] = cls
+    return cls
+
+
+def _rebuild_folded(original: type) -> nn.Module:
+    return nn.Module.__new__(folded_class(original))
 
 
 def unswap_chain_module(m: nn.Module) -> None:
-    """Undo FusedConv2d.from_conv for one of the three modules."""
-    m.__class__ = _CHAIN_ORIGINALS[type(m)]
+    """Undo FusedConv2d.from_conv for one of its modules."""
+    m.__class__ = nn.Conv2d if isinstance(m, FusedConv2d) else original_class(m)
     drop_fastres_state(m)
+
+
+def is_folded(m: nn.Module) -> bool:
+    """Whether m is a module fastres folded into a FusedConv2d (a BN or an activation)."""
+    return bool(getattr(type(m), "_fastres_folded", False))

@@ -33,6 +33,7 @@ from fastres.nn.anatomy import (
     block_pairs,
     block_reason,
     call_reason,
+    chain_activation,
     chain_reason,
     input_reason,
     sequential_reason,
@@ -43,16 +44,17 @@ from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, NO_SHORTCUT, run_train
 from fastres.ops.conv_bn_act import conv_bn_act, conv_padding, execution_plan, torch_conv_bn_act
 
 UNFUSED, REFERENCE, FOLDED, TRAIN, FX_LEAF = "unfused", "reference", "folded", "train", "fx_leaf"
+RELU = ("relu", 0.0)
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One fused conv of a FOLDED plan: relu?(conv(h, weight) + bias [+ x] [+ conv1x1(x)])
+    """One fused conv of a FOLDED plan: act(conv(h, weight) + bias [+ x] [+ conv1x1(x)])
     with h the previous launch's output (the unit's input x for the first)."""
     conv: nn.Conv2d
     weight: Tensor
     bias: Tensor
-    relu: bool
+    activation: Tuple[str, float]  # (name, slope): fastres.activations
     residual: bool = False  # add x: the identity shortcut
     shortcut: Optional[Tuple[Tensor, Tuple[int, int]]] = None  # (folded 1x1 weight, stride) on x
 
@@ -123,25 +125,30 @@ def _plan_chain(conv: nn.Module, x) -> Plan:
         return Plan(UNFUSED, reason, bn.training)
     if x.dim() != 4:  # the BN this conv stands for would refuse it
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-    return _plan_conv_bn(d["_fastres_fold_cache"], conv, bn, d["_fastres_fuse_relu"], x, "conv",
+    return _plan_conv_bn(d["_fastres_fold_cache"], conv, bn, chain_activation(conv), x, "conv",
                          REFERENCE)
 
 
-def _plan_conv_bn(cache, conv, bn, relu: bool, x: Tensor, conv_name: str, fallback: str) -> Plan:
-    """conv -> BN (-> ReLU) once the modules may fuse: by the input (and the mode), fused or
-    `fallback`."""
+def _plan_conv_bn(cache, conv, bn, activation, x: Tensor, conv_name: str, fallback: str) -> Plan:
+    """conv -> BN (-> activation) once the modules may fuse: by the input (and the mode), fused
+    or `fallback`. activation: (name, slope), or a bool for ReLU or none."""
+    if not isinstance(activation, tuple):
+        activation = ("relu", 0.0) if activation else ("identity", 0.0)
     if bn.training:
+        if activation[0] not in ("relu", "identity"):
+            return Plan(fallback, f"train mode: {activation[0]} is fused in eval mode only", True)
         if not train_kernels_run(x):
             return Plan(fallback, _no_train_kernels(x), True)
         return Plan(TRAIN, training=True, x=prepare_input(x, [(conv_name, conv)]),
-                    train_op=([conv], [bn], NO_SHORTCUT, relu))
+                    train_op=([conv], [bn], NO_SHORTCUT, activation[0] == "relu"))
     reason = input_reason(x)
     if reason:
         return Plan(fallback, reason)
     x = prepare_input(x, [(conv_name, conv)])
     eager_torch, fmt = execution_plan(x)
     weight, bias = cached_fold(cache, conv, bn, fmt, x.dtype)
-    return Plan(FOLDED, x=x, launches=(Launch(conv, weight, bias, relu),), eager_torch=eager_torch)
+    return Plan(FOLDED, x=x, launches=(Launch(conv, weight, bias, activation),),
+                eager_torch=eager_torch)
 
 
 def _plan_block(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
@@ -171,18 +178,18 @@ def _plan_block(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
     eager_torch, fmt = execution_plan(x)  # the intermediates are on x's device and layout
     caches = d["_fastres_caches"]
     # Every stage but the last: conv + folded BN + ReLU.
-    launches = [Launch(conv, *cached_fold(caches[name], conv, bn, fmt, x.dtype), relu=True)
+    launches = [Launch(conv, *cached_fold(caches[name], conv, bn, fmt, x.dtype), RELU)
                 for name, (conv, bn) in zip(stages[:-1], pairs[:n - 1])]
     # Last stage: conv + folded BN + shortcut + ReLU in one launch.
     last, last_bn = pairs[n - 1]
     if len(pairs) == n:
         weight, bias = cached_fold(caches["last"], last, last_bn, fmt, x.dtype)
-        launches.append(Launch(last, weight, bias, relu=True, residual=True))
+        launches.append(Launch(last, weight, bias, RELU, residual=True))
     else:
         ds_conv, ds_bn = pairs[n]
         weight, weight2, bias = cached_fold_with_shortcut(caches["last"], last, last_bn, ds_conv,
                                                           ds_bn, fmt, x.dtype)
-        launches.append(Launch(last, weight, bias, relu=True,
+        launches.append(Launch(last, weight, bias, RELU,
                                shortcut=(weight2, tuple(ds_conv.stride))))
     return Plan(FOLDED, x=x, launches=tuple(launches), eager_torch=eager_torch)
 
@@ -228,7 +235,8 @@ def _fused_conv(h: Tensor, x: Tensor, launch: Launch, eager_torch: bool) -> Tens
         # The plan already checked dtypes and devices, and nothing here needs autograd.
         x2, w2, s2 = shortcut if shortcut is not None else (None, None, None)
         return torch_conv_bn_act(h, launch.weight, launch.bias, residual, x2, w2, conv.stride,
-                                 conv_padding(conv), conv.dilation, s2, launch.relu)
+                                 conv_padding(conv), conv.dilation, s2, launch.activation)
+    name, slope = launch.activation
     return conv_bn_act(h, launch.weight, launch.bias, stride=conv.stride,
                        padding=conv_padding(conv), dilation=conv.dilation, residual=residual,
-                       shortcut=shortcut, relu=launch.relu)
+                       shortcut=shortcut, activation=name, negative_slope=slope)
