@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import List, Optional
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-COMMANDS = ("demo", "bench", "gate", "compile-check")
+COMMANDS = ("demo", "bench", "gate", "compile-check", "coverage")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +148,14 @@ def _sass_report(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("fastres-sass-out")
     return sass_report.main(args.arch, args.quick, out, args.gate, args.bless, baseline, cases,
                             _checkout_commit(root) if root else None, reason)
+
+
+def _coverage(args: argparse.Namespace) -> int:
+    if missing_torchvision("coverage"):
+        return 2
+    from fastres.tools import coverage
+
+    return coverage.main(args.models, args.size)
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -309,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
                               help="with --sass: the baseline file (default: the checkout's "
                                    "benchmarks/baselines/sass_sm<ARCH>.json)")
     check_parser.set_defaults(run=_compile_check)
+
+    coverage_parser = commands.add_parser(
+        "coverage", help="how much of a model optimize() fuses: pairs, blocks, ops per forward",
+        description="For each model (random weights, eval, CPU, the folded torch path): conv+BN "
+                    "pairs fused / total, candidate ResNet blocks fused / total, and the ops one "
+                    "forward runs before and after optimize(). Needs torchvision (and timm for "
+                    "timm's models).")
+    coverage_parser.add_argument("models", nargs="+", metavar="MODEL",
+                                 help="tv:NAME (torchvision), timm:NAME, or a bare name "
+                                      "(torchvision first, then timm)")
+    coverage_parser.add_argument("--size", type=_positive_int, default=64,
+                                 help="input height and width for the op count (default: 64)")
+    coverage_parser.set_defaults(run=_coverage)
 
     interpret_parser = commands.add_parser("demo-interpret")  # hidden: demo's subprocess
     _add_model_options(interpret_parser)

@@ -140,7 +140,7 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
-    assert "{demo,bench,gate,compile-check}" in capsys.readouterr().err
+    assert "{demo,bench,gate,compile-check,coverage}" in capsys.readouterr().err
 
 
 def test_help_lists_every_command_without_importing_torchvision():
@@ -152,7 +152,7 @@ def test_help_lists_every_command_without_importing_torchvision():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "{demo,bench,gate,compile-check}" in run.stdout
+    assert "{demo,bench,gate,compile-check,coverage}" in run.stdout
     assert "demo-interpret" not in run.stdout
     assert "torchvision imported: False" in run.stdout
 
