@@ -16,6 +16,7 @@ nothing is copied or replaced, and restore() swaps the classes back.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -144,7 +145,7 @@ class _LeafTracer(torch.fx.Tracer):
     is a leaf too: a BN with its activation, one node the chain search can fold."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (_is_fastres(m) or hooks_reason(m) is not None or is_bn_act(m)
+        return (_is_fastres(m) or hooks_reason(m) is not None or is_bn_act(m) or _bn_like(m)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -175,6 +176,16 @@ def _function_activation(node: torch.fx.Node) -> Optional[Tuple[str, float]]:
     return None
 
 
+def _bn_like(m: nn.Module) -> bool:
+    """What the chain search takes for a BN after a conv (and reports, if it is not one it
+    folds): nn.BatchNorm2d and its relatives (SyncBatchNorm is a _BatchNorm too), and
+    torchvision's FrozenBatchNorm2d, which is not one (looked up only if torchvision is loaded)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    frozen = getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+    return frozen is not None and isinstance(m, frozen)
+
+
 def _chain_kind(activation: Optional[Tuple[str, float]]) -> str:
     return "conv+bn" if activation is None or activation[0] == "identity" else f"conv+bn+{activation[0]}"
 
@@ -199,14 +210,26 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         if node.op != "call_module":
             continue
         conv = model.get_submodule(node.target)
-        if type(conv) is not nn.Conv2d or len(node.users) != 1:
+        if not isinstance(conv, nn.Conv2d) or _is_fastres(conv):
             continue
-        bn_node = next(iter(node.users))
-        if bn_node.op != "call_module" or bn_node.args[0] is not node or len(bn_node.args) != 1:
+        bn_nodes = [u for u in node.users if u.op == "call_module"
+                    and _bn_like(model.get_submodule(u.target))]
+        if not bn_nodes:
+            continue
+        # Every conv -> BN pair is reported, fused or not: nothing is skipped silently.
+        if len(node.users) != 1:
+            report.add(node.target, "conv+bn", False, "the conv's output is used by more than its BN")
+            continue
+        bn_node = bn_nodes[0]
+        if bn_node.args[0] is not node or len(bn_node.args) != 1 or bn_node.kwargs:
+            report.add(node.target, "conv+bn", False, "the BN is called with more than the conv's output")
             continue
         bn = model.get_submodule(bn_node.target)
         bn_act = is_bn_act(bn)
-        if type(bn) is not nn.BatchNorm2d and not bn_act:
+        if type(conv) is not nn.Conv2d or (type(bn) is not nn.BatchNorm2d and not bn_act):
+            report.add(node.target, "conv+bn", False,
+                       conv_unfusable_reason(conv) or f"{type(bn).__name__} is not a plain nn.BatchNorm2d "
+                       "or timm's BatchNormAct2d")
             continue
         act = function_act = None
         if bn_act:
@@ -241,8 +264,8 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         if reason:
             report.add(node.target, kind, False, reason)
             continue
-        FusedConv2d.from_conv(conv, bn, act, function_act)
         detail = f"{type(bn).__name__} {bn_node.target} folded" + (f", {detail_act}" if detail_act else "")
+        FusedConv2d.from_conv(conv, bn, act, function_act)
         train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (type(bn),))
         if not train_reason and activation is not None and activation[0] not in ("relu", "identity"):
             train_reason = f"{activation[0]} is fused in eval mode only"

@@ -180,3 +180,32 @@ def test_pickle_deepcopy_and_restore_keep_the_modules():
     assert type(fused[0].act) is nn.SiLU and type(fused[0].conv) is nn.Conv2d
     assert type(fused[1].bn) is type(ConvNormAct(1, 1, 1).bn)
     assert not any(k.startswith("_fastres") for m in fused.modules() for k in m.__dict__)
+
+
+def test_every_conv_bn_pair_is_reported_fused_or_not():
+    """Pairs the chain search cannot fold are listed with the reason, never skipped silently."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.a_bn = nn.Conv2d(5, 8, 3, padding=1), nn.SyncBatchNorm(8)
+            self.b, self.b_bn = nn.Conv2d(8, 8, 1), FrozenBatchNorm2d(8)
+            self.c, self.c_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+            self.d, self.d_bn = nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8)
+            self.e, self.e_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = self.b_bn(self.b(self.a_bn(self.a(x))))
+            c = self.c(x)
+            x = self.c_bn(c) + c  # the conv's output feeds more than its BN
+            return self.e_bn(self.e(self.d_bn(self.d(x))))
+
+    fused, report, _ = _check_eval(Pairs(), torch.randn(2, 5, 6, 6), [45, 8, 8, 18, 8])
+    got = {e.path: (e.fused, e.detail) for e in report.entries}
+    assert set(got) == {"a", "b", "c", "d", "e"}, str(report)
+    assert not got["a"][0] and "SyncBatchNorm is not a plain" in got["a"][1]
+    assert not got["b"][0] and "FrozenBatchNorm2d is not a plain" in got["b"][1]
+    assert not got["c"][0] and "used by more than its BN" in got["c"][1]
+    assert not got["d"][0] and "grouped convolution" in got["d"][1]
+    assert got["e"][0]
