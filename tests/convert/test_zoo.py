@@ -7,43 +7,26 @@ import copy
 import pytest
 import timm
 import torch
-import torchvision
 from helpers import UNIT_ROUNDOFF, randomize_bn
 
 import fastres
 from fastres.launch import conv as conv_launch
-from fastres.nn.blocks import FusedBlockBase
-from fastres.nn.modules import FusedConv2d
+from fastres.tools.coverage import build as make
+from fastres.tools.coverage import fused_pairs
 
 # model: conv + BN pairs fused (chains + the convs of fused blocks), as measured with timm 1.0.31
 # and torchvision 0.29.1. What is left: grouped and depthwise convs, blocks that are not
 # BasicBlock/Bottleneck-shaped, RepVGG's parallel branches (their BN feeds a sum).
 ZOO = {
-    "mobilenetv2_100": 35,       # BatchNormAct2d + ReLU6
-    "efficientnet_b0": 33,       # BatchNormAct2d + SiLU, SE
-    "cspresnet50": 55,           # BatchNormAct2d + LeakyReLU
-    "gernet_s": 42,              # byobnet ConvNormAct + ReLU
-    "regnetz_b16": 46,           # byobnet, SiLU, SE
-    "resnetv2_50": 32,           # pre-activation: conv -> BatchNormAct2d of the next stage
-    "tv:mobilenet_v2": 35,       # Conv2dNormActivation + ReLU6
-    "tv:efficientnet_b0": 33,    # Conv2dNormActivation + SiLU
+    "timm:mobilenetv2_100": 35,       # BatchNormAct2d + ReLU6
+    "timm:efficientnet_b0": 33,       # BatchNormAct2d + SiLU, SE
+    "timm:cspresnet50": 55,           # BatchNormAct2d + LeakyReLU
+    "timm:gernet_s": 42,              # byobnet ConvNormAct + ReLU
+    "timm:regnetz_b16": 46,           # byobnet, SiLU, SE
+    "timm:resnetv2_50": 32,           # pre-activation: conv -> BatchNormAct2d of the next stage
+    "tv:mobilenet_v2": 35,            # Conv2dNormActivation + ReLU6
+    "tv:efficientnet_b0": 33,         # Conv2dNormActivation + SiLU
 }
-
-
-def make(name: str) -> torch.nn.Module:
-    if name.startswith("tv:"):
-        return getattr(torchvision.models, name[3:])()
-    return timm.create_model(name, pretrained=False)
-
-
-def fused_pairs(model: torch.nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        if isinstance(m, FusedConv2d):
-            n += 1
-        elif isinstance(m, FusedBlockBase):
-            n += len(m._fastres_stages) + (getattr(m, "downsample", None) is not None)
-    return n
 
 
 def _errors(model, fused, x):
