@@ -16,14 +16,17 @@ from fastres.kernels.common import ACTIVATION_CODES
 
 NAMES = tuple(ACTIVATION_CODES)
 
-# What relu=True / relu=False meant before activations had names.
-ActivationArg = Union[bool, str, None]
+# A name, a resolved (name, slope) pair, or what relu=True / relu=False meant before
+# activations had names.
+ActivationArg = Union[bool, str, Tuple[str, float], None]
 
 
 def resolve(activation: ActivationArg, negative_slope: float = 0.01) -> Tuple[str, float]:
-    """(name, slope) for an activation argument: a name from NAMES, True ("relu"), False or None
-    ("identity"). The slope is kept for "leaky_relu" only (0.0 otherwise, so that equal
-    activations compare equal). Raises ValueError for anything else."""
+    """(name, slope) for an activation argument: a name from NAMES, a (name, slope) pair, True
+    ("relu"), False or None ("identity"). The slope is kept for "leaky_relu" only (0.0
+    otherwise, so that equal activations compare equal). Raises ValueError for anything else."""
+    if isinstance(activation, tuple):
+        return resolve(*activation)
     if activation is True:
         return "relu", 0.0
     if activation is False or activation is None:

@@ -44,6 +44,7 @@ from fastres.nn.modules import (
     is_folded,
     unswap_chain_module,
 )
+from fastres.nn.plan import TRAIN_ACTIVATIONS
 
 _FASTRES_MODULES = (FusedBlockBase, FusedConvBNReLU, FusedConv2d)
 
@@ -267,7 +268,7 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         detail = f"{type(bn).__name__} {bn_node.target} folded" + (f", {detail_act}" if detail_act else "")
         FusedConv2d.from_conv(conv, bn, act, function_act)
         train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (type(bn),))
-        if not train_reason and activation is not None and activation[0] not in ("relu", "identity"):
+        if not train_reason and activation is not None and activation[0] not in TRAIN_ACTIVATIONS:
             train_reason = f"{activation[0]} is fused in eval mode only"
         detail += f"; train mode runs unfused: {train_reason}" if train_reason else "; trains fused"
         report.add(node.target, kind, True, detail)

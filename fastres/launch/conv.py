@@ -54,7 +54,7 @@ _kernel = triton.heuristics(values={
     "EVEN_C2": lambda args: not args["HAS_SHORTCUT"] or args["C2"] % args["BLOCK_K"] == 0,
     "NESTED": lambda args: (args["R"] * args["S"] > 1
                             and triton.cdiv(args["C"], args["BLOCK_K"]) >= NESTED_MIN_CHANNEL_BLOCKS),
-    "ROW_SPAN": lambda args: args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"]),
+    "ROW_SPAN": lambda args: config_row_span(args),
     "PADDED_ROWS": lambda args: args["ROW_SPAN"] and padded_rows(args["w_ptr"], args["BLOCK_K"]),
     "TILE_W": lambda args: tile_width(args),
     "TMA": lambda args: args["x_desc"] is not None and (args["R"] * args["S"] == 1 or args["TILE_W"] > 0),
@@ -121,8 +121,7 @@ def tile_width(args: dict) -> int:
     if _is_patch_descriptor(args["x_desc"]):
         return patch_width(args["C"], args["BLOCK_K"], args["BLOCK_M"], args["P"], args["Q"],
                            args["x_desc"].base.element_size())
-    if (args["ROW_SPAN"] and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"])
-            and not args["STATS"]):
+    if config_row_span(args) and not args["STATS"]:
         return fitting_patch_width(args["BLOCK_M"], args["P"], args["Q"])
     return 0
 
@@ -246,6 +245,13 @@ def row_span_fits(S: int, C: int, block_k: int) -> bool:
     return C > 0 and S * C <= block_k < 2 * S * C
 
 
+def config_row_span(args: dict) -> bool:
+    """The launch's ROW_SPAN for its config: the layout allows it (the launch's ROW_SPAN
+    argument, row_span_layout) and a filter row suits this BLOCK_K. (Also for the autotuner's
+    pre_hook, which sees the arguments before the heuristics refine them.)"""
+    return bool(args["ROW_SPAN"]) and row_span_fits(args["S"], args["FLAT_C"], args["BLOCK_K"])
+
+
 def padded_row_length(C: int, R: int, S: int) -> int:
     """The length (elements) to which fastres's folded weights pad each filter row of a conv
     reduced over the flattened index (kernel_weight_layout in fastres/nn/folding.py), or 0 for
@@ -272,15 +278,18 @@ def padded_rows(weight, block_k: int) -> bool:
     (K, C, R, S) weight, past its S*C, and multiply them with the zeros it loads for x there:
     only where those elements are known zeros (a buffer recorded by mark_zero_padded; anything
     else there could be an Inf or NaN, and 0 * Inf is NaN), with the rows 16-byte aligned and
-    the storage holding the last row's reads."""
-    if not any(t is not None and _zero_padded_buffers.get(id(t)) is t
-               for t in (weight, weight._base)):
+    the storage holding the last row's reads, and each of the weight's rows starting where a
+    row of the buffer does (a view shifted along a row would read the next row's weights)."""
+    buffer = next((t for t in (weight, weight._base)
+                   if t is not None and _zero_padded_buffers.get(id(t)) is t), None)
+    if buffer is None:
         return False
     K, C, R, S = weight.shape
     sk, sc, sr, ss = weight.stride()
     last_read = weight.storage_offset() + (K - 1) * sk + (R - 1) * sr + block_k
     return (sc == 1 and ss == C and sr >= block_k and sk >= R * sr and sr % 8 == 0
-            and sk % 8 == 0 and last_read * weight.element_size() <= weight.untyped_storage().nbytes())
+            and sk % 8 == 0 and (weight.storage_offset() - buffer.storage_offset()) % sr == 0
+            and last_read * weight.element_size() <= weight.untyped_storage().nbytes())
 
 
 def row_span_layout(x, weight, dilation) -> bool:
@@ -348,8 +357,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
     residual: (N, K, P, Q) or None; x2/weight2: shortcut input (N, C2, H2, W2) and its 1x1 weight
     (K, C2, 1, 1), or None.
-    activation: applied before the store: a name from fastres.activations (or its (name, slope)
-    pair, for "leaky_relu"), True for ReLU, False for none.
+    activation: applied before the store: anything fastres.activations.resolve takes (a name, a
+    (name, slope) pair, True for ReLU, False for none).
     prologue: (scale, shift), fp32 (C,) each: x is read as relu(x * scale + shift) per channel.
     stats: fp32 (stats_chunks(M), 2, K) to fill with per-chunk (mean, M2) of the output.
     flat_reduction / index_64: None chooses by the problem; tests force each variant.
@@ -360,7 +369,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     GPUs (use_tma).
     """
     global _launches
-    act, slope = (activation if isinstance(activation, tuple) else activations.resolve(activation))
+    act, slope = activations.resolve(activation)
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     _, _, P, Q = out.shape

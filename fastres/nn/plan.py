@@ -29,6 +29,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from fastres import activations
 from fastres.nn.anatomy import (
     block_pairs,
     block_reason,
@@ -45,6 +46,9 @@ from fastres.ops.conv_bn_act import conv_bn_act, conv_padding, execution_plan, t
 
 UNFUSED, REFERENCE, FOLDED, TRAIN, FX_LEAF = "unfused", "reference", "folded", "train", "fx_leaf"
 RELU = ("relu", 0.0)
+# The activations the fused training path (fastres::block_train) applies; chains with any other
+# run their modules unfused in train mode.
+TRAIN_ACTIVATIONS = ("relu", "identity")
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,9 @@ def _plan_chain(conv: nn.Module, x) -> Plan:
 def _plan_conv_bn(cache, conv, bn, activation, x: Tensor, conv_name: str, fallback: str) -> Plan:
     """conv -> BN (-> activation) once the modules may fuse: by the input (and the mode), fused
     or `fallback`. activation: (name, slope), or a bool for ReLU or none."""
-    if not isinstance(activation, tuple):
-        activation = ("relu", 0.0) if activation else ("identity", 0.0)
+    activation = activations.resolve(activation)
     if bn.training:
-        if activation[0] not in ("relu", "identity"):
+        if activation[0] not in TRAIN_ACTIVATIONS:
             return Plan(fallback, f"train mode: {activation[0]} is fused in eval mode only", True)
         if not train_kernels_run(x):
             return Plan(fallback, _no_train_kernels(x), True)

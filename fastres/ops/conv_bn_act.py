@@ -196,7 +196,7 @@ def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
 def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
                       dilation, shortcut_stride, activation) -> Tensor:
     """The folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops
-    on the fresh output. activation: as fastres.launch.conv.fused_conv2d takes it (a name, a
+    on the fresh output. activation: anything fastres.activations.resolve takes (a name, a
     (name, slope) pair, or a bool for ReLU). Shapes are not validated here (F.conv2d checks
     its own)."""
     out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
@@ -204,10 +204,7 @@ def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight
         out.add_(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride))
     if residual is not None:
         out.add_(residual)
-    if activation is True:
-        return out.relu_()
-    act, slope = activation if isinstance(activation, tuple) else activations.resolve(activation)
-    return activations.apply(out, act, slope, inplace=True)
+    return activations.apply(out, *activations.resolve(activation), inplace=True)
 
 
 def execution_plan(x: Tensor) -> Tuple[bool, torch.memory_format]:
@@ -310,14 +307,16 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     if shortcut is not None:
         x2, w2, s2 = shortcut
         stride2 = _pair(s2, "shortcut stride")
-    args = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
-            _pair(dilation, "dilation"), stride2, act, slope, fp32_precision or get_fp32_precision())
+    operands = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
+                _pair(dilation, "dilation"), stride2)
+    precision = fp32_precision or get_fp32_precision()
+    args = operands + (act, slope, precision)
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual, x2, w2))
     if recording and act not in ("relu", "identity"):
         # The op's backward knows the ReLU mask (its output); other activations need their
         # input, so autograd records the activation itself after an identity epilogue.
-        return activations.apply(_conv_bn_act(*args[:10], "identity", 0.0, args[12]), act, slope)
+        return activations.apply(_conv_bn_act(*operands, "identity", 0.0, precision), act, slope)
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or _get_current_dispatch_mode() is not None) or recording:
         return _conv_bn_act(*args)

@@ -670,7 +670,6 @@ class Arena:
     def __init__(self) -> None:
         self._storage = None
         self._bytes = 0
-        self._keep = []
 
     def tensor(self, size, stride, dtype):
         import torch
@@ -683,21 +682,6 @@ class Arena:
 
     def channels_last(self, N, C, H, W, dtype):
         return self.tensor((N, C, H, W), (H * W * C, 1, W * C, C), dtype)
-
-    def folded_weight(self, K, C, R, S, dtype):
-        """A weight laid out as fastres's eval folding lays it out (kernel_weight_layout)."""
-        from fastres.launch.conv import padded_row_length
-
-        row = padded_row_length(C, R, S)
-        if not row:
-            return self.channels_last(K, C, R, S, dtype)
-        from fastres.launch.conv import mark_zero_padded
-
-        self.tensor((K * R * row,), (1,), dtype)  # the storage holds the padding of the last row
-        weight = self.tensor((K, C, R, S), (R * row, 1, row, C), dtype)
-        mark_zero_padded(weight)  # (compiled, never run)
-        self._keep.append(weight)
-        return weight
 
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -725,10 +709,13 @@ def launch_conv(arena: Arena, layer: Layer, dtype: str, variant: str, cfg: dict)
     import torch
 
     from fastres.launch.conv import fused_conv2d, stats_chunks
+    from fastres.nn.folding import kernel_weight_layout
     dt = _torch_dtype(dtype)
     N, L = BATCH, layer
     x = arena.channels_last(N, L.C, L.H, L.W, dt)
-    w = (arena.folded_weight if variant == "eval" else arena.channels_last)(L.K, L.C, L.R, L.S, dt)
+    w = arena.channels_last(L.K, L.C, L.R, L.S, dt)
+    if variant == "eval":
+        w = kernel_weight_layout(w)  # as fastres's eval folding lays it out (the stem's padded rows)
     out = arena.channels_last(N, L.K, L.P, L.Q, dt)
     bias = residual = x2 = w2 = stats = prologue = None
     if variant == "eval":

@@ -138,6 +138,12 @@ def test_folded_stem_weight_reaches_the_kernel_zero_padded(monkeypatch):
     weight, _ = fold_modules(m[0], m[1])
     assert weight.stride() == (7 * 32, 1, 32, 3) and conv_launch.padded_rows(weight, 32)
     assert not conv_launch.padded_rows(weight.clone(memory_format=torch.channels_last), 32)
+    # A view of the same buffer shifted along its rows would read the next row's weights.
+    # (half the output channels: its reads stay inside the storage, only the shift is wrong)
+    half = (8,) + tuple(weight.shape[1:])
+    assert conv_launch.padded_rows(torch.as_strided(weight._base, half, weight.stride(), 32 * 7), 32)
+    shifted = torch.as_strided(weight._base, half, weight.stride(), storage_offset=8)
+    assert shifted._base is weight._base and not conv_launch.padded_rows(shifted, 32)
     plain, _ = fold_conv_bn(m[0].weight, None, m[1].weight, m[1].bias, m[1].running_mean,
                             m[1].running_var, m[1].eps)
     assert plain.is_contiguous(memory_format=torch.channels_last)
