@@ -33,6 +33,7 @@ from fastres.nn.anatomy import (
     bn_unfusable_reason,
     conv_unfusable_reason,
     global_hooks_registered,
+    grouped_train_reason,
     hooks_reason,
     is_bn_act,
     submodule_hooks_reason,
@@ -270,6 +271,7 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
         train_reason = bn_train_unfusable_reason(bn, conv.out_channels, (type(bn),))
         if not train_reason and activation is not None and activation[0] not in TRAIN_ACTIVATIONS:
             train_reason = f"{activation[0]} is fused in eval mode only"
+        train_reason = train_reason or grouped_train_reason(conv)
         detail += f"; train mode runs unfused: {train_reason}" if train_reason else "; trains fused"
         report.add(node.target, kind, True, detail)
 

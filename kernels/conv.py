@@ -42,6 +42,11 @@ Compile-time options (one kernel, no near-copies):
                   dense channels_last tensors (TMA on sm_90), as [N*P*Q, K] matrices, or 4-D
                   [N, P, Q, K] tensors for output patches, which clip what lies past their
                   ends: no per-element addresses or masks in the epilogue
+  GROUPED         a grouped conv (1 < groups): the grid's second axis is the group g, and C and
+                  K are one group's channels; group g reads x's channels g*C.. and the weight's
+                  rows g*K.. and writes the output's channels g*K.. (a ResNeXt / RegNet 3x3).
+                  The dual GEMM's shortcut is not grouped: it reads all of x2's channels into
+                  the group's K output channels
   TILE_W          > 0: the tile's BLOCK_M output pixels are a TILE_H x TILE_W patch of one image
                   (TILE_H = BLOCK_M // TILE_W, both powers of two) instead of BLOCK_M
                   consecutive pixels, so a row's (p, q) costs shifts, not two runtime divisions
@@ -341,7 +346,7 @@ def fused_conv2d_kernel(
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
         TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, TILE_W: tl.constexpr,
         EPILOGUE_TMA: tl.constexpr, STATS: tl.constexpr,
-        STATS_CHUNK: tl.constexpr,
+        STATS_CHUNK: tl.constexpr, GROUPED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """out = act(conv(prologue?(x), w) + bias + conv1x1(x2, w2) + residual), stats of it.
@@ -367,7 +372,8 @@ def fused_conv2d_kernel(
     Geometry: conv_stride_{h,w}, pad_{h,w}, dil_{h,w} of the main conv; shortcut_stride_{h,w}
     of the 1x1 shortcut conv (unpadded); act_slope: LeakyReLU's negative slope.
     Grid: cdiv(N*P*Q, BLOCK_M) * cdiv(K, BLOCK_N) tiles, or with TILE_W,
-    N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N).
+    N * cdiv(P, TILE_H) * cdiv(Q, TILE_W) * cdiv(K, BLOCK_N); with GROUPED, times the groups
+    along the grid's second axis (C and K then count one group's channels).
     Facts the host proves, so the kernel can skip work: FLAT_C (the flattened stem reduction's
     C, else 0), EVEN_C / EVEN_C2 (C, C2 divisible by BLOCK_K), NESTED (loop over taps, then
     channel blocks, for many channel blocks per tap), SPATIAL_MASK (taps can leave the
@@ -376,6 +382,19 @@ def fused_conv2d_kernel(
     TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
     tl.static_assert(not (STATS and TILE_W > 0), "STATS chunks are runs of consecutive rows")
     tl.static_assert(not (PROLOGUE and TMA and TILE_W > 0), "the TMA patch loop has no prologue")
+    tl.static_assert(not (GROUPED and (PROLOGUE or STATS or TMA or TMA_SHORTCUT or EPILOGUE_TMA
+                                       or ROW_SPAN)),
+                     "grouped convs take the pointer path, in eval mode")
+    if GROUPED:
+        # This program's group: its slice of x's channels, of the weight's and the shortcut
+        # weight's rows, and of the output's (and residual's and bias's) channels.
+        group = tl.program_id(1).to(tl.int64)
+        x_ptr += group * C * stride_xc
+        w_ptr += group * K * stride_wk
+        w2_ptr += group * K * stride_w2k
+        bias_ptr += group * K
+        res_ptr += group * K * stride_rc
+        out_ptr += group * K * stride_oc
     M = N * P * Q
     TILE_H: tl.constexpr = BLOCK_M // TILE_W if TILE_W > 0 else 1
     patches_h = tl.cdiv(P, TILE_H)

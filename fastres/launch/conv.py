@@ -17,6 +17,7 @@ from fastres.kernels.common import INTERPRETED
 from fastres.kernels.conv import fused_conv2d_kernel
 from fastres.launch import configs
 from fastres.launch.configs import STATS_CHUNK
+from fastres.launch.depthwise import depthwise_conv2d, is_depthwise
 from fastres.launch.target import compiling_only, current_target
 
 # Under the interpreter the cost is (programs x loop steps) x a few ms, so one large block is used
@@ -351,10 +352,10 @@ def _rows_dense(t) -> bool:
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
                  stride2, activation, fp32_precision: str = "ieee", flat_reduction=None,
                  index_64=None, prologue=None, stats=None, config: Optional[dict] = None,
-                 tma: Optional[bool] = None):
+                 tma: Optional[bool] = None, groups: int = 1):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
 
-    x: (N, C, H, W); weight: (K, C, R, S) any strides; bias: fp32 (K,) or None;
+    x: (N, C, H, W); weight: (K, C // groups, R, S) any strides; bias: fp32 (K,) or None;
     residual: (N, K, P, Q) or None; x2/weight2: shortcut input (N, C2, H2, W2) and its 1x1 weight
     (K, C2, 1, 1), or None.
     activation: applied before the store: anything fastres.activations.resolve takes (a name, a
@@ -367,6 +368,10 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     shortcut) as a plain GEMM (gemm_descriptors), a larger stride-1 filter over output patches
     (patch_descriptors, where patch_width finds patches that fit the output); None = on sm_90+
     GPUs (use_tma).
+    groups: a grouped conv (eval mode: no prologue, no stats) runs the kernel once per group
+    (GROUPED, the group in the grid, on the pointer path); a depthwise one (groups = C, no
+    shortcut) runs the depthwise kernel instead (fastres.launch.depthwise; config is then its
+    own kind of config).
     """
     global _launches
     act, slope = activations.resolve(activation)
@@ -374,6 +379,16 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     K, _, R, S = weight.shape
     _, _, P, Q = out.shape
     has_shortcut = x2 is not None
+    if groups > 1:
+        if prologue is not None or stats is not None:
+            raise ValueError("fastres conv: grouped convs have no prologue or statistics epilogue")
+        if is_depthwise(C, K, groups) and not has_shortcut:
+            depthwise_conv2d(x, weight, bias, residual, out, stride, padding, dilation,
+                             (act, slope), _rows_dense, config)
+            _launches += 1
+            return out
+        # From here on C and K count one group's channels (the kernel's GROUPED convention).
+        C, K = C // groups, K // groups
     if has_shortcut:
         _, C2, H2, W2 = x2.shape
         x2_strides, w2_strides = x2.stride(), weight2.stride()
@@ -397,9 +412,10 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
                                     x.element_size(), config)
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
-    row_span = flat_reduction and row_span_layout(x, weight, dilation)  # refined per config
+    # (refined per config; a group's pixels are not C apart)
+    row_span = flat_reduction and groups == 1 and row_span_layout(x, weight, dilation)
     x_desc = w_desc = x2_desc = w2_desc = o_desc = r_desc = None
-    if use_tma(tma):
+    if use_tma(tma) and groups == 1:
         o_desc, r_desc = epilogue_descriptors(out, residual)
         x_desc, w_desc = gemm_descriptors(x, weight, stride, padding)
         if x_desc is None:
@@ -414,7 +430,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
                                    STATS=stats is not None))
 
     def grid(m):
-        return (row_tiles(N, P, Q, m["BLOCK_M"], m["TILE_W"]) * triton.cdiv(K, m["BLOCK_N"]),)
+        return (row_tiles(N, P, Q, m["BLOCK_M"], m["TILE_W"]) * triton.cdiv(K, m["BLOCK_N"]),
+                groups)
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
@@ -431,6 +448,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
         OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),
         UPCAST=upcast, INPUT_PRECISION=fp32_precision, INDEX_64=index_64,
-        PROLOGUE=prologue is not None, STATS=stats is not None, STATS_CHUNK=STATS_CHUNK, **meta)
+        PROLOGUE=prologue is not None, STATS=stats is not None, STATS_CHUNK=STATS_CHUNK,
+        GROUPED=groups > 1, **meta)
     _launches += 1
     return out

@@ -68,12 +68,18 @@ def conv_unfusable_reason(conv: nn.Module, conv_type: type = nn.Conv2d) -> Optio
     a subclass (or a parametrized conv, which torch makes a subclass) may compute otherwise."""
     if type(conv) is not conv_type:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups}) is not supported by the kernel"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported by the kernel"
     if conv_padding(conv) is None:
         return "asymmetric 'same' padding is not supported by the kernel"
+    return None
+
+
+def grouped_train_reason(conv: nn.Module) -> Optional[str]:
+    """Why the fused training path cannot take this conv (None: it can): a grouped conv runs
+    fused in eval mode only (the training kernels' prologue and statistics are not grouped)."""
+    if conv.groups != 1:
+        return f"grouped convolutions (groups={conv.groups}) are fused in eval mode only"
     return None
 
 
@@ -398,7 +404,8 @@ def sequential_reason(seq: nn.Module, train: bool) -> Optional[str]:
             return reason
     conv, bn = mods[0], mods[1]
     bn_reason = bn_train_unfusable_reason if train else bn_unfusable_reason
-    return conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
+    return (conv_unfusable_reason(conv) or bn_reason(bn, conv.out_channels)
+            or (grouped_train_reason(conv) if train else None))
 
 
 def timm_bn_act_class() -> Optional[type]:
@@ -494,6 +501,12 @@ def block_reason(block: nn.Module, train: bool, call: bool = False) -> Optional[
                                   bn_train_unfusable_reason if train else bn_unfusable_reason)
     if reason:
         return reason
+    if train:
+        for name in block._fastres_stages:
+            reason = grouped_train_reason(block._modules[name])
+            if reason:
+                return f"{name}: {reason}"
+
     reason = submodule_hooks_reason(block)
     if reason:
         return reason

@@ -36,6 +36,7 @@ from fastres.nn.anatomy import (
     call_reason,
     chain_activation,
     chain_reason,
+    grouped_train_reason,
     input_reason,
     sequential_reason,
     train_kernels_run,
@@ -140,6 +141,9 @@ def _plan_conv_bn(cache, conv, bn, activation, x: Tensor, conv_name: str, fallba
     if bn.training:
         if activation[0] not in TRAIN_ACTIVATIONS:
             return Plan(fallback, f"train mode: {activation[0]} is fused in eval mode only", True)
+        reason = grouped_train_reason(conv)
+        if reason:
+            return Plan(fallback, f"train mode: {reason}", True)
         if not train_kernels_run(x):
             return Plan(fallback, _no_train_kernels(x), True)
         return Plan(TRAIN, training=True, x=prepare_input(x, [(conv_name, conv)]),
@@ -238,8 +242,10 @@ def _fused_conv(h: Tensor, x: Tensor, launch: Launch, eager_torch: bool) -> Tens
         # The plan already checked dtypes and devices, and nothing here needs autograd.
         x2, w2, s2 = shortcut if shortcut is not None else (None, None, None)
         return torch_conv_bn_act(h, launch.weight, launch.bias, residual, x2, w2, conv.stride,
-                                 conv_padding(conv), conv.dilation, s2, launch.activation)
+                                 conv_padding(conv), conv.dilation, s2, launch.activation,
+                                 conv.groups)
     name, slope = launch.activation
     return conv_bn_act(h, launch.weight, launch.bias, stride=conv.stride,
-                       padding=conv_padding(conv), dilation=conv.dilation, residual=residual,
+                       padding=conv_padding(conv), dilation=conv.dilation, groups=conv.groups,
+                       residual=residual,
                        shortcut=shortcut, activation=name, negative_slope=slope)

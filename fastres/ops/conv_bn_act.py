@@ -110,7 +110,7 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 
 def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilation, stride2,
-                fp32_precision) -> Tuple[int, int, int, int]:
+                groups, fp32_precision) -> Tuple[int, int, int, int]:
     """Validate everything the kernel relies on; return the output shape (N, K, P, Q)."""
     if x.dim() != 4:
         raise ValueError(f"fastres conv: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
@@ -128,9 +128,12 @@ def _check_args(x, weight, bias, residual, x2, weight2, stride, padding, dilatio
             raise ValueError(f"fastres conv: {name} is on {t.device} but the input is on {x.device}")
     N, C, H, W = x.shape
     K, Cw, R, S = weight.shape
-    if Cw != C:
-        raise ValueError(f"fastres conv: weight expects {Cw} input channels, input has {C} "
-                         f"(grouped convolutions are not supported by the fused kernel)")
+    if groups < 1 or C % groups or K % groups:
+        raise ValueError(f"fastres conv: groups={groups} must divide the input's {C} and the "
+                         f"weight's {K} channels")
+    if Cw * groups != C:
+        raise ValueError(f"fastres conv: weight expects {Cw * groups} input channels "
+                         f"({Cw} per group, {groups} groups), input has {C}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"fastres conv: bad stride {stride} / padding {padding} / dilation {dilation}")
     P = output_size(H, R, stride[0], padding[0], dilation[0])
@@ -176,30 +179,33 @@ def empty_output(x: Tensor, shape) -> Tensor:
 def _conv_bn_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                       shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
                       stride: List[int], padding: List[int], dilation: List[int],
-                      shortcut_stride: List[int], activation: str, negative_slope: float,
-                      fp32_precision: str) -> Tensor:
+                      shortcut_stride: List[int], groups: int, activation: str,
+                      negative_slope: float, fp32_precision: str) -> Tensor:
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                        dilation, shortcut_stride, fp32_precision)
+                        dilation, shortcut_stride, groups, fp32_precision)
     if backend_for(x) == "triton":
         out = empty_output(x, shape)
         if out.numel() == 0:
             return out
         return conv_launch.fused_conv2d(x, weight, bias, residual, shortcut_input, shortcut_weight,
                                         out, stride, padding, dilation, shortcut_stride,
-                                        (activation, negative_slope), fp32_precision)
+                                        (activation, negative_slope), fp32_precision,
+                                        groups=groups)
     out = torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride,
-                            padding, dilation, shortcut_stride, (activation, negative_slope))
+                            padding, dilation, shortcut_stride, (activation, negative_slope),
+                            groups)
     # The fake implementation promises the input's memory format; keep that promise.
     return out.contiguous(memory_format=output_memory_format(x))
 
 
 def torch_conv_bn_act(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                      dilation, shortcut_stride, activation) -> Tensor:
+                      dilation, shortcut_stride, activation, groups: int = 1) -> Tensor:
     """The folded torch path: one conv with the BN shift as its bias, then in-place epilogue ops
     on the fresh output. activation: anything fastres.activations.resolve takes (a name, a
     (name, slope) pair, or a bool for ReLU). Shapes are not validated here (F.conv2d checks
     its own)."""
-    out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    out = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation,
+                   groups)
     if shortcut_input is not None:
         out.add_(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride))
     if residual is not None:
@@ -229,41 +235,45 @@ _conv_bn_act = torch.library.custom_op("fastres::conv_bn_act", _conv_bn_act_impl
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, residual, x2, w2, stride, padding, dilation, stride2, act, _, _) = inputs
+    (x, weight, bias, residual, x2, w2, stride, padding, dilation, stride2, groups, act, _,
+     _) = inputs
     relu = act == "relu"  # (conv_bn_act records other activations outside the op)
     # The output doubles as the ReLU mask (it is the next layer's input anyway, so saving it
     # costs no extra memory); no pre-activation copy is kept.
     ctx.save_for_backward(x, weight, x2, w2, output if relu else None)
-    ctx.conv = (list(stride), list(padding), list(dilation), list(stride2))
+    ctx.conv = (list(stride), list(padding), list(dilation), list(stride2), groups)
     ctx.has = (bias is not None, residual is not None)
 
 
-def conv_grads(g, x, weight, stride, padding, dilation, needs, has_bias: bool = False):
-    """(dL/dx, dL/dweight, dL/dbias) of conv2d(x, weight[, bias]) for upstream gradient g, by
-    aten's convolution_backward (cuDNN on GPUs); needs = which of the three to compute."""
+def conv_grads(g, x, weight, stride, padding, dilation, needs, has_bias: bool = False,
+               groups: int = 1):
+    """(dL/dx, dL/dweight, dL/dbias) of conv2d(x, weight[, bias], groups=groups) for upstream
+    gradient g, by aten's convolution_backward (cuDNN on GPUs); needs = which of the three to
+    compute."""
     needs = (needs[0], needs[1], has_bias and needs[2])
     if not any(needs):
         return None, None, None
     return torch.ops.aten.convolution_backward(
         g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
-        list(dilation), False, [0, 0], 1, list(needs))
+        list(dilation), False, [0, 0], groups, list(needs))
 
 
 def _backward(ctx, grad):
     x, weight, x2, w2, out = ctx.saved_tensors
-    stride, padding, dilation, stride2 = ctx.conv
+    stride, padding, dilation, stride2, groups = ctx.conv
     has_bias, has_residual = ctx.has
     needs = ctx.needs_input_grad
     # torch's own ReLU backward, (out <= 0 ? 0 : grad): grad * (out > 0) would turn an inf
     # gradient at a masked position into NaN and drop the gradient at a NaN output.
     g = grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
-    dx, dw, _ = conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1], False))
+    dx, dw, _ = conv_grads(g, x, weight, stride, padding, dilation, (needs[0], needs[1], False),
+                           groups=groups)
     db = g.float().sum((0, 2, 3)) if has_bias and needs[2] else None
     dres = g if has_residual and needs[3] else None
     dx2 = dw2 = None
     if x2 is not None:
         dx2, dw2, _ = conv_grads(g, x2, w2, stride2, [0, 0], [1, 1], (needs[4], needs[5], False))
-    return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None, None
+    return dx, dw, db, dres, dx2, dw2, None, None, None, None, None, None, None, None
 
 
 _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
@@ -271,21 +281,25 @@ _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
 @_conv_bn_act.register_fake
 def _conv_bn_act_fake(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                      dilation, shortcut_stride, activation, negative_slope, fp32_precision):
+                      dilation, shortcut_stride, groups, activation, negative_slope, fp32_precision):
     shape = _check_args(x, weight, bias, residual, shortcut_input, shortcut_weight, stride, padding,
-                        dilation, shortcut_stride, fp32_precision)
+                        dilation, shortcut_stride, groups, fp32_precision)
     return empty_output(x, shape)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = 1,
-                padding: IntPair = 0, dilation: IntPair = 1, residual: Optional[Tensor] = None,
+                padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                residual: Optional[Tensor] = None,
                 shortcut: Optional[Tuple[Tensor, Tensor, IntPair]] = None, relu: bool = True,
                 activation: Optional[str] = None, negative_slope: float = 0.01,
                 fp32_precision: Optional[str] = None) -> Tensor:
     """act(conv2d(x, weight, stride, padding, dilation) + bias [+ shortcut] [+ residual]).
 
     x: (N, C, H, W) float32/float16/bfloat16, NCHW-contiguous, channels_last or any strides.
-    weight: (K, C, R, S) of x's dtype (BatchNorm already folded in: see fastres.fold_conv_bn).
+    weight: (K, C // groups, R, S) of x's dtype (BatchNorm already folded in: see
+        fastres.fold_conv_bn).
+    groups: a grouped conv, as nn.Conv2d's groups (depthwise when groups = C: its own direct-conv
+        kernel). The shortcut is never grouped.
     bias: (K,) per-output-channel shift, computed in float32 (other dtypes are converted).
     residual: (N, K, P, Q) added before the activation (the identity shortcut of a ResNet block).
     shortcut: (x2, weight2, stride2): a 1x1 conv of x2 with stride2 added before the activation
@@ -308,7 +322,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
         x2, w2, s2 = shortcut
         stride2 = _pair(s2, "shortcut stride")
     operands = (x, weight, bias, residual, x2, w2, _pair(stride, "stride"), _pair(padding, "padding"),
-                _pair(dilation, "dilation"), stride2)
+                _pair(dilation, "dilation"), stride2, int(groups))
     precision = fp32_precision or get_fp32_precision()
     args = operands + (act, slope, precision)
     recording = torch.is_grad_enabled() and any(

@@ -9,9 +9,9 @@ arguments would (signature, constexpr options, config), then returns. fastres's 
 then run on small CPU tensors inside fastres.launch.target.compile_only(), where they take the
 Triton path and the first candidate config, untimed: eval-mode blocks, the stem, and training
 steps (forward and backward), in each dtype and memory format, plus every config of
-fastres/launch/conv_configs.json for its problem class, and each epilogue activation
-(fastres.activations) on a 3x3 conv. Nothing executes, so the numbers those
-paths produce are meaningless; only the compilation is checked, and each kernel's shared memory
+fastres/launch/conv_configs.json for its problem class, each epilogue activation
+(fastres.activations) on a 3x3 conv, and grouped and depthwise convs. Nothing executes, so the
+numbers those paths produce are meaningless; only the compilation is checked, and each kernel's shared memory
 against the target's per-block limit.
 
 It catches what Triton's interpreter cannot: tl.dot's shape and dtype rules, constexpr and type
@@ -235,6 +235,46 @@ def _activation_scenarios(dtypes) -> List[Scenario]:
             for name in activations.NAMES if name not in ("relu", "identity")]
 
 
+def _grouped_scenarios(dtypes, formats) -> List[Scenario]:
+    """Grouped convs (the implicit GEMM, GROUPED: a ResNeXt 3x3 with a residual, a RegNet-like
+    one with few channels per group over the flattened reduction, a 1x1 with the dual-GEMM
+    shortcut) and depthwise convs (their own kernel: 3x3 and 5x5, stride 1 and 2, a residual,
+    a channel multiplier), each with the config fastres picks first, and every GPU tile of
+    the depthwise kernel."""
+    from fastres.launch.depthwise import GPU_CONFIGS
+
+    # (label, C, K, groups, R, stride, residual, shortcut C2, depthwise config)
+    problems = [("grouped 3x3 g32 +res", 128, 128, 32, 3, 1, True, 0, None),
+                ("grouped 3x3 g8 flat stride 2", 64, 64, 8, 3, 2, False, 0, None),
+                ("grouped 1x1 g4 +downsample", 64, 128, 4, 1, 1, False, 32, None),
+                ("depthwise 3x3", 96, 96, 96, 3, 1, False, 0, None),
+                ("depthwise 5x5 stride 2", 96, 96, 96, 5, 2, False, 0, None),
+                ("depthwise 3x3 +res", 96, 96, 96, 3, 1, True, 0, None),
+                ("depthwise 3x3 multiplier 2", 48, 96, 48, 3, 1, False, 0, None)]
+    problems += [(f"depthwise 3x3 tile {c['BLOCK_M']}x{c['BLOCK_C']}", 96, 96, 96, 3, 1, False, 0,
+                  c) for c in GPU_CONFIGS[1:]]
+
+    def make(C, K, groups, R, stride, residual, C2, config, dtype, fmt):
+        def run(report: CompileReport):
+            x = torch.randn(2, C, 16, 16, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.randn(K, C // groups, R, R, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            P = 16 // stride
+            out = torch.empty(2, K, P, P, dtype=dtype).contiguous(memory_format=fmt)
+            res = torch.empty_like(out) if residual else None
+            x2 = w2 = None
+            if C2:
+                x2 = torch.randn(2, C2, P, P, dtype=dtype).contiguous(memory_format=fmt)
+                w2 = torch.randn(K, C2, 1, 1, dtype=dtype)
+            fused_conv2d(x, w, torch.zeros(K), res, x2, w2, out, (stride, stride),
+                         (R // 2, R // 2), (1, 1), (1, 1), "relu6", "tf32", config=config,
+                         groups=groups)
+        return run
+    return [(f"{label} {dtype} {'channels_last' if fmt == torch.channels_last else 'nchw'}",
+             make(*problem, dtype, fmt))
+            for label, *problem in problems for dtype in dtypes for fmt in formats]
+
+
 def run(arch: int = 90, quick: bool = False) -> CompileReport:
     if INTERPRETED:
         raise RuntimeError("compile-check needs the real Triton JIT: unset TRITON_INTERPRET before "
@@ -244,7 +284,7 @@ def run(arch: int = 90, quick: bool = False) -> CompileReport:
     report = CompileReport(arch)
     scenarios = _model_scenarios(dtypes, formats) + _config_scenarios(dtypes)
     if arch >= 90 or not quick:  # (CI's quick sm_80 run leaves the epilogue variants to sm_90's)
-        scenarios += _activation_scenarios(dtypes)
+        scenarios += _activation_scenarios(dtypes) + _grouped_scenarios(dtypes, formats)
     with _compile_only(Target.for_arch(arch), report):
         for label, scenario in scenarios:
             report.scenarios += 1

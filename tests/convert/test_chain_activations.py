@@ -207,5 +207,5 @@ def test_every_conv_bn_pair_is_reported_fused_or_not():
     assert not got["a"][0] and "SyncBatchNorm is not a plain" in got["a"][1]
     assert not got["b"][0] and "FrozenBatchNorm2d is not a plain" in got["b"][1]
     assert not got["c"][0] and "used by more than its BN" in got["c"][1]
-    assert not got["d"][0] and "grouped convolution" in got["d"][1]
+    assert got["d"][0] and "grouped convolutions (groups=4) are fused in eval mode only" in got["d"][1]
     assert got["e"][0]

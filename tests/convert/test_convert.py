@@ -116,11 +116,13 @@ def test_other_torchvision_resnets_convert_and_match_on_cpu_path(name, blocks, m
     _assert_model_close(err, eager_err, scale, torch.float32)
 
 
-def test_grouped_resnext_blocks_are_left_alone():
+def test_grouped_resnext_blocks_fuse_in_eval_and_train_unfused():
     fused = fastres.optimize(torchvision.models.resnext50_32x4d(num_classes=10))
     report = fastres.fusion_report(fused)
-    grouped = [e for e in report.left_alone if e.kind == "Bottleneck"]
-    assert len(grouped) == 16 and all("groups=32" in e.detail for e in grouped)
+    blocks = [e for e in report.fused if e.kind == "Bottleneck"]
+    assert len(blocks) == 16 and not report.left_alone, str(report)
+    assert all("conv2: grouped convolutions (groups=32) are fused in eval mode only" in e.detail
+               for e in blocks)
 
 
 def test_restore_gives_back_a_state_dict_identical_model():

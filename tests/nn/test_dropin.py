@@ -16,7 +16,7 @@ import torchvision
 from helpers import UNIT_ROUNDOFF, free_port, randomize_bn
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 import fastres
 import fastres.nn.blocks
@@ -475,8 +475,10 @@ def test_from_block_fuses_in_place():
     block = randomize_bn(BasicBlock(16, 16)).eval()
     same = FusedBasicBlock.from_block(block)
     assert same is block and isinstance(block, FusedBasicBlock) and isinstance(block, BasicBlock)
-    with pytest.raises(ValueError, match="grouped"):
-        FusedBasicBlock.from_block(Bottleneck(64, 16, groups=4, base_width=64))
+    refused = BasicBlock(16, 16)
+    refused.conv1.padding_mode = "reflect"
+    with pytest.raises(ValueError, match="padding_mode"):
+        FusedBasicBlock.from_block(refused)
 
 
 # ---- 5. isinstance, 6. shared modules -----------------------------------------------------------

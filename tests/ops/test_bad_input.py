@@ -1,12 +1,14 @@
 """Bad input: a clear error naming the problem (or a documented fallback); inputs and
 parameters are never modified."""
+import copy
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import assert_close, randomize_bn
 from torch import nn
 
 from fastres import FusedBasicBlock, FusedConvBNReLU, conv_bn_act
+from fastres.launch import conv as conv_launch
 
 
 def _snapshot(module):
@@ -24,7 +26,7 @@ def _unchanged(module, snap):
      TypeError, "does not match weight dtype"),
     (lambda d: (torch.randn(1, 8, 5, 5, device=d).double(), torch.randn(4, 8, 3, 3, device=d).double()),
      TypeError, "not supported"),
-    (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 4, 3, 3, device=d)), ValueError, "grouped"),
+    (lambda d: (torch.randn(1, 8, 5, 5, device=d), torch.randn(4, 4, 3, 3, device=d)), ValueError, "input channels"),
     (lambda d: (torch.randn(1, 8, 2, 2, device=d), torch.randn(4, 8, 3, 3, device=d)), ValueError, "too small"),
 ])
 def test_functional_rejects(make_args, error, match, device):
@@ -68,17 +70,35 @@ def test_module_errors_name_the_problem_and_mutate_nothing(device):
     assert _unchanged(block, snap)
 
 
-def test_grouped_conv_module_falls_back_to_reference(device):
-    """groups > 1: the documented fallback (the reference path), with the reason exposed."""
-    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
-    with pytest.raises(ValueError, match="grouped"):
+def test_unsupported_conv_module_falls_back_to_reference(device):
+    """A padding mode the kernel does not take: the documented fallback (the reference path),
+    with the reason exposed."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False)
+    with pytest.raises(ValueError, match="padding_mode"):
         FusedConvBNReLU.from_modules(conv, nn.BatchNorm2d(8))
     m = FusedConvBNReLU(8, 8, 3).eval().to(device)
     m[0] = conv.to(device)
-    assert "grouped" in m.fallback_reason
+    assert "padding_mode" in m.fallback_reason
     x = torch.randn(1, 8, 5, 5, device=device)
     with torch.no_grad():
         torch.testing.assert_close(m(x), torch.relu(m[1](m[0](x))))
+
+
+def test_grouped_conv_module_fuses_in_eval_and_trains_unfused(device):
+    """groups > 1: fused in eval mode; in train mode the documented fallback (the modules
+    unfused), with the reason exposed."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+    m = FusedConvBNReLU.from_modules(conv, nn.BatchNorm2d(8)).to(device)
+    assert m.fallback_reason is None and "grouped" in m.train_fallback_reason
+    x = torch.randn(2, 8, 5, 5, device=device)
+    ref = copy.deepcopy(m).double()
+    with torch.no_grad():
+        assert_close(m.eval()(x), torch.relu(ref[1].eval()(ref[0](x.double()))), torch.float32, 36)
+        before = conv_launch.launch_count()
+        out = m.train()(x)
+        assert conv_launch.launch_count() == before
+        torch.testing.assert_close(out, torch.relu(ref[1].train()(ref[0](x.double()))).float())
+    torch.testing.assert_close(m[1].running_mean.double(), ref[1].running_mean)
 
 
 def test_batchnorm_without_running_stats_is_not_folded(device):

@@ -45,7 +45,7 @@ def test_fake_impl_matches_real_output(tmp_path, monkeypatch):
     from fastres.ops.conv_bn_act import _conv_bn_act
     args = lambda t: (t(2, 8, 7, 7).contiguous(memory_format=torch.channels_last),  # noqa: E731
                       t(16, 8, 3, 3), torch.zeros(16), None, None, None, [2, 2], [1, 1], [1, 1],
-                      [1, 1], "relu", 0.0, "ieee")
+                      [1, 1], 1, "relu", 0.0, "ieee")
     real = _conv_bn_act(*args(torch.randn))
     with FakeTensorMode():
         fake = _conv_bn_act(*args(torch.randn))

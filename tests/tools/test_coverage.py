@@ -16,15 +16,15 @@ def test_resnet18_is_fully_covered(monkeypatch):
 def test_timm_model_with_chains_and_a_table_row(monkeypatch):
     monkeypatch.setenv("FASTRES_BACKEND", "torch")
     r = coverage.measure("timm:mobilenetv2_050", size=32)
-    assert r.pairs == 52 and r.pairs_fused == 35  # the 17 depthwise convs are not fused yet
-    assert "| timm:mobilenetv2_050 | 35/52 | 0/0 |" in coverage.table([r])
+    assert r.pairs == 52 and r.pairs_fused == 52  # its 17 depthwise convs included
+    assert "| timm:mobilenetv2_050 | 52/52 | 0/0 |" in coverage.table([r])
 
 
 def test_command_line(capsys, monkeypatch):
     monkeypatch.setenv("FASTRES_BACKEND", "torch")
     assert main(["coverage", "--size", "32", "tv:resnet18", "timm:mobilenetv2_050"]) == 0
     out = capsys.readouterr().out
-    assert "| tv:resnet18 | 20/20 | 8/8 |" in out and "| all 2 | 55/72 (76.4%) |" in out
+    assert "| tv:resnet18 | 20/20 | 8/8 |" in out and "| all 2 | 72/72 (100.0%) |" in out
     assert main(["coverage", "tv:no_such_model"]) == 2
     with pytest.raises(SystemExit):
         main(["coverage"])
