@@ -5,11 +5,16 @@ bn2 (BasicBlock) or also conv3/bn3 (Bottleneck), with an optional `downsample`, 
 It is fused only if every conv and BN can be folded, the shortcut is an identity or a 1x1
 conv + BN, no module inside it has hooks or parametrizations, and its forward is one fastres
 knows (torchvision's, timm's, or one the caller trusts) or passes the probe (fastres.nn.anatomy).
+Any other module (not a container) with convs inside, and a named block left alone, is traced
+with torch.fx: if its output is act(f(x) + s(x)) it is a residual block (fastres.nn.residual),
+fused in eval mode when f and s are chains of conv -> BN (-> activation) stages, pools and SE /
+ECA gates and a probe agrees, else reported with the reason.
 
-Then the model (fused blocks and hooked modules as leaves) is traced with torch.fx, and every
-conv -> BN (-> ReLU) chain whose intermediate results feed nothing else is fused in place: the
-stem, and the 1x1 convs inside blocks that were left alone (e.g. timm's resnet50d avg-pool
-shortcut). Models that torch.fx cannot trace keep their chains, and the report says so.
+Then the model (fused BasicBlock/Bottleneck blocks and hooked modules as leaves; residual blocks
+of other shapes traced through, for their train mode) is traced with torch.fx, and every
+conv -> BN (-> activation) chain whose intermediate results feed nothing else is fused in
+place: the stem, and the convs inside blocks that were left alone. Models that torch.fx cannot
+trace keep their chains, and the report says so.
 
 Fusing swaps the class of the existing module objects (fastres.nn.modules, fastres.nn.blocks);
 nothing is copied or replaced, and restore() swaps the classes back.
@@ -32,13 +37,21 @@ from fastres.nn.anatomy import (
     bn_train_unfusable_reason,
     bn_unfusable_reason,
     conv_unfusable_reason,
+    function_activation,
     global_hooks_registered,
     grouped_train_reason,
     hooks_reason,
     is_bn_act,
     submodule_hooks_reason,
 )
-from fastres.nn.blocks import FusedBlockBase, fuse_block, unswap_block
+from fastres.nn.blocks import (
+    FusedBlockBase,
+    FusedResidualBase,
+    fuse_block,
+    fuse_residual,
+    residual_detail,
+    unswap_block,
+)
 from fastres.nn.modules import (
     FusedConv2d,
     FusedConvBNReLU,
@@ -107,8 +120,9 @@ def fusion_report(model: nn.Module) -> Optional[FusionReport]:
 
 def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust: tuple) -> None:
     done = {}  # id(block) -> path, for blocks reachable under several names
+    inside = set()  # the modules inside residual blocks (not candidates themselves)
     for parent_name, parent in list(model.named_modules()):
-        if _is_fastres(parent):
+        if _is_fastres(parent) or id(parent) in inside:
             continue
         for name, child in list(parent._modules.items()):
             if child is None:
@@ -123,19 +137,41 @@ def _convert_blocks(model: nn.Module, report: FusionReport, verify: bool, trust:
             if _is_fastres(child):
                 continue
             kind = block_kind(child)
-            if kind is None:
-                continue
-            done[id(child)] = path
-            reason = fuse_block(child, verify, trust)
-            if reason:
+            reason = None
+            if kind is not None:
+                done[id(child)] = path
+                reason = fuse_block(child, verify, trust)
+                if reason is None:
+                    ds = " + downsample" if getattr(child, "downsample", None) is not None else ""
+                    detail = f"{len(BLOCK_STAGES[kind])} launches{ds}"
+                    train_reason = child.train_fallback_reason
+                    if train_reason:
+                        detail += f"; train mode runs unfused: {train_reason}"
+                    report.add(path, kind, True, detail)
+                    continue
+            if _may_be_residual(child):
+                # Residual blocks of any other shape, read from their traced forward
+                candidate, residual_reason = fuse_residual(child, verify)
+                if candidate:
+                    done[id(child)] = path
+                    inside.update(id(m) for m in child.modules())
+                    if residual_reason is None:
+                        report.add(path, "residual", True, residual_detail(child))
+                        continue
+                    if kind is None:
+                        report.add(path, "residual", False, residual_reason)
+                        continue
+            if kind is not None:
                 report.add(path, kind, False, reason)
-                continue
-            ds = " + downsample" if getattr(child, "downsample", None) is not None else ""
-            detail = f"{len(BLOCK_STAGES[kind])} launches{ds}"
-            train_reason = child.train_fallback_reason
-            if train_reason:
-                detail += f"; train mode runs unfused: {train_reason}"
-            report.add(path, kind, True, detail)
+
+
+def _may_be_residual(m: nn.Module) -> bool:
+    """Whether m is worth tracing as a residual block: a module of its own (not a container,
+    conv or BN) with convs inside."""
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d,
+                      nn.modules.batchnorm._BatchNorm)) or not m._modules:
+        return False
+    return any(isinstance(c, nn.Conv2d) for c in m.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,35 +183,16 @@ class _LeafTracer(torch.fx.Tracer):
     is a leaf too: a BN with its activation, one node the chain search can fold."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (_is_fastres(m) or hooks_reason(m) is not None or is_bn_act(m) or _bn_like(m)
+        # (a fused residual block is traced through: its conv -> BN chains fuse as chains too,
+        # for its train mode, which runs its own forward)
+        return ((_is_fastres(m) and not isinstance(m, FusedResidualBase))
+                or hooks_reason(m) is not None or is_bn_act(m) or _bn_like(m)
                 or super().is_leaf_module(m, qualname))
 
 
 # Activations the graph may apply by a function (or a module shared with other users), which
 # then runs anyway: the kernel may apply them too only where doing it twice changes nothing.
 _IDEMPOTENT = ("relu", "relu6", "identity")
-
-
-def _function_activation(node: torch.fx.Node) -> Optional[Tuple[str, float]]:
-    """The activation a call_function / call_method node applies to its first argument, for the
-    functions whose result the kernel can compute (fastres.activations), else None."""
-    F = torch.nn.functional
-    if node.op == "call_function":
-        simple = {torch.relu: "relu", F.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
-                  F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
-        if node.target in simple and len(node.args) == 1:
-            return simple[node.target], 0.0
-        if node.target is F.gelu and len(node.args) == 1:
-            approximate = node.kwargs.get("approximate", "none")
-            return ({"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(approximate)
-                    if isinstance(approximate, str) else None)
-        if node.target is F.leaky_relu:
-            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-            return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
-        return None
-    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
-        return "relu", 0.0
-    return None
 
 
 def _bn_like(m: nn.Module) -> bool:
@@ -247,7 +264,7 @@ def _convert_chains(model: nn.Module, report: FusionReport) -> None:
                     if activation is not None and calls[id(module)] == 1:
                         act, detail_act = module, f"{type(module).__name__} {act_node.target} fused"
                 else:
-                    activation = _function_activation(act_node)
+                    activation = function_activation(act_node)
                 if activation is not None and act is None:
                     if activation[0] in _IDEMPOTENT:
                         function_act = activation

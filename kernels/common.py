@@ -85,3 +85,21 @@ def activate(v, ACTIVATION: tl.constexpr, slope):
     else:
         out = v
     return out
+
+
+@triton.jit
+def pool_partial_sums(pool_ptr, stored, mask_out, n_idx, offs_n, mask_n, row0, rows_end, PQ,
+                      stride_pool_n, tile_n, ONE_IMAGE: tl.constexpr):
+    """Add the tile's per-(image, channel) sums of `stored` (the output tile as stored, in its
+    dtype) into the fp32 (N, stride_pool_n) buffer at pool_ptr: the squeeze of an SE / ECA gate,
+    whose mean over the image the host takes from these. The tile holds output rows row0 ..
+    rows_end - 1 of images n_idx (rows m = (n, p, q), PQ rows per image), or with ONE_IMAGE
+    (an output patch) rows of image tile_n only. One atomic add per image and channel the tile
+    touches: the order of the adds, and so the sums' last bits, may vary from run to run."""
+    vals = tl.where(mask_out, stored.to(tl.float32), 0.0)
+    if ONE_IMAGE:
+        tl.atomic_add(pool_ptr + tile_n * stride_pool_n + offs_n, tl.sum(vals, axis=0), mask=mask_n)
+    else:
+        for n in range(row0 // PQ, (rows_end - 1) // PQ + 1):
+            part = tl.sum(tl.where((n_idx == n)[:, None], vals, 0.0), axis=0)
+            tl.atomic_add(pool_ptr + tl.cast(n, tl.int64) * stride_pool_n + offs_n, part, mask=mask_n)

@@ -55,6 +55,9 @@ Compile-time options (one kernel, no near-copies):
                   whose zero fill outside the image is the padding: no masks and no address
                   arithmetic in the loop (C % BLOCK_K == 0: the [K, R*S*C] weight descriptor's
                   tiles never straddle two taps)
+  POOL            add the output's per-(image, channel) sums, as stored, into an fp32 (N, K)
+                  buffer (at stats_ptr; atomics): the squeeze of an SE / ECA gate that follows
+                  this conv, so that its mean costs no second read of the output
   STATS           write, for every chunk of STATS_CHUNK output rows, the per-channel mean and
                   sum of squared deviations (M2) of the output (fp32): batch statistics for a
                   training-mode BatchNorm, merged stably by kernels/bn_finalize.py
@@ -64,7 +67,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastres.kernels.common import activate, relu, round_to
+from fastres.kernels.common import activate, pool_partial_sums, relu, round_to
 
 
 @triton.jit
@@ -346,7 +349,7 @@ def fused_conv2d_kernel(
         INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, PROLOGUE: tl.constexpr,
         TMA: tl.constexpr, TMA_SHORTCUT: tl.constexpr, TILE_W: tl.constexpr,
         EPILOGUE_TMA: tl.constexpr, STATS: tl.constexpr,
-        STATS_CHUNK: tl.constexpr, GROUPED: tl.constexpr,
+        STATS_CHUNK: tl.constexpr, GROUPED: tl.constexpr, POOL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """out = act(conv(prologue?(x), w) + bias + conv1x1(x2, w2) + residual), stats of it.
@@ -361,6 +364,7 @@ def fused_conv2d_kernel(
       out_ptr    output (N, K, P, Q), strides stride_o{n,c,h,w}; its dtype is the store's
       scale_ptr, shift_ptr   fp32 (C,) prologue BN scale/shift       [PROLOGUE]
       stats_ptr  fp32 (cdiv(N*P*Q, STATS_CHUNK), 2, K) per-chunk (mean, M2)   [STATS]
+                 or fp32 (N, K) per-image sums of the output, added to       [POOL]
       x_desc, w_desc     descriptors of x as [N*H*W, C], block [BLOCK_M, BLOCK_K], and of w
                  as [K, C], block [BLOCK_N, BLOCK_K]                  [TMA, a 1x1 conv]
                  or of x as [N, H, W, C], block [1, TILE_H, TILE_W, BLOCK_K], and of w as
@@ -381,6 +385,7 @@ def fused_conv2d_kernel(
     at m * stride_{o,r}w, as in a dense channels_last tensor, so no (n, p, q) is needed),
     TMA / TMA_SHORTCUT (a 1x1, stride-1 GEMM of dense channels_last operands)."""
     tl.static_assert(not (STATS and TILE_W > 0), "STATS chunks are runs of consecutive rows")
+    tl.static_assert(not (STATS and POOL), "one statistics buffer")
     tl.static_assert(not (PROLOGUE and TMA and TILE_W > 0), "the TMA patch loop has no prologue")
     tl.static_assert(not (GROUPED and (PROLOGUE or STATS or TMA or TMA_SHORTCUT or EPILOGUE_TMA
                                        or ROW_SPAN)),
@@ -509,14 +514,24 @@ def fused_conv2d_kernel(
             acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if ACTIVATION != 0:
         acc = activate(acc, ACTIVATION, act_slope)
+    stored = round_to(acc, out_ptr.dtype.element_ty)
+    if POOL:
+        if GROUPED:
+            pool_ptr = stats_ptr + group * K
+            stride_pool_n = K * tl.num_programs(1)
+        else:
+            pool_ptr = stats_ptr
+            stride_pool_n = K
+        pool_partial_sums(pool_ptr, stored, mask_out, n_idx, offs_n, mask_n, pid_m * BLOCK_M,
+                          tl.minimum(pid_m * BLOCK_M + BLOCK_M, M), P * Q, stride_pool_n, tile_n,
+                          TILE_W > 0)
     if EPILOGUE_TMA and TILE_W > 0:
         # The 4-D descriptor clips the patch's rows and columns outside the output.
-        o_desc.store([tile_n, p0, q0, pid_n * BLOCK_N],
-                     round_to(acc, out_ptr.dtype.element_ty).reshape(1, TILE_H, TILE_W, BLOCK_N))
+        o_desc.store([tile_n, p0, q0, pid_n * BLOCK_N], stored.reshape(1, TILE_H, TILE_W, BLOCK_N))
     elif EPILOGUE_TMA:
         # The descriptor clips the rows and channels past the output's end.
-        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, out_ptr.dtype.element_ty))
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], stored)
     else:
         o_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_n, stride_on, stride_oc,
                               stride_oh, stride_ow, OUT_ROWS_DENSE)
-        tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)
+        tl.store(out_ptr + o_off, stored, mask=mask_out)

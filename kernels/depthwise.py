@@ -15,6 +15,8 @@ Compile-time options:
   MULTIPLIER      output channels per input channel
   HAS_BIAS, HAS_RESIDUAL, ACTIVATION   as in kernels/conv.py
   SPATIAL_MASK    taps can fall outside the image (padding)
+  POOL            add the output's per-(image, channel) sums into the fp32 (N, K) buffer at
+                  pool_ptr (kernels/conv.py's POOL: an SE gate after a depthwise conv)
   OUT_ROWS_DENSE / RES_ROWS_DENSE      as in kernels/conv.py: row m at m * stride_w
 The host side is fastres/launch/depthwise.py.
 """
@@ -23,13 +25,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastres.kernels.common import activate, round_to
+from fastres.kernels.common import activate, pool_partial_sums, round_to
 from fastres.kernels.conv import _tile_offsets
 
 
 @triton.jit
 def depthwise_conv2d_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, pool_ptr,
         N, H, W, K, P, Q,
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wk, stride_wr, stride_ws,
@@ -39,7 +41,7 @@ def depthwise_conv2d_kernel(
         R: tl.constexpr, S: tl.constexpr, MULTIPLIER: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
         SPATIAL_MASK: tl.constexpr, OUT_ROWS_DENSE: tl.constexpr, RES_ROWS_DENSE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = act(depthwise_conv(x, w) + bias + residual).
 
     x (N, C, H, W), w (K, 1, R, S) with K = C * MULTIPLIER, bias fp32 (K,), residual and out
@@ -84,6 +86,11 @@ def depthwise_conv2d_kernel(
         acc += tl.load(res_ptr + r_off, mask=mask_out, other=0.0).to(tl.float32)
     if ACTIVATION != 0:
         acc = activate(acc, ACTIVATION, act_slope)
+    stored = round_to(acc, out_ptr.dtype.element_ty)
+    if POOL:
+        row0 = tl.program_id(0) * BLOCK_M
+        pool_partial_sums(pool_ptr, stored, mask_out, n_idx, offs_k, mask_k, row0,
+                          tl.minimum(row0 + BLOCK_M, M), P * Q, K, 0, False)
     o_off = _tile_offsets(offs_m, n_idx, p_idx, q_idx, offs_k, stride_on, stride_oc, stride_oh,
                           stride_ow, OUT_ROWS_DENSE)
-    tl.store(out_ptr + o_off, round_to(acc, out_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(out_ptr + o_off, stored, mask=mask_out)

@@ -308,8 +308,10 @@ def _build_tuned_kernel():
     return triton.autotune(
         configs=configs.all_tuning_configs(pre_hook=set_descriptor_blocks),
         key=["N", "C", "K", "P", "Q", "C2", "R", "S", "HAS_SHORTCUT", "HAS_RESIDUAL", "PROLOGUE",
-             "STATS"],
+             "STATS", "POOL", "GROUPED"],
         prune_configs_by={"early_config_prune": configs.prune_to_shape_class},
+        # POOL adds into its buffer: each timed run, and the real one after them, start from zero
+        reset_to_zero=["stats_ptr"],
     )(_kernel)
 
 
@@ -352,7 +354,7 @@ def _rows_dense(t) -> bool:
 def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, dilation,
                  stride2, activation, fp32_precision: str = "ieee", flat_reduction=None,
                  index_64=None, prologue=None, stats=None, config: Optional[dict] = None,
-                 tma: Optional[bool] = None, groups: int = 1):
+                 tma: Optional[bool] = None, groups: int = 1, pool=None):
     """Launch the fused kernel, writing into `out` (N, K, P, Q) of any strides.
 
     x: (N, C, H, W); weight: (K, C // groups, R, S) any strides; bias: fp32 (K,) or None;
@@ -372,6 +374,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     (GROUPED, the group in the grid, on the pointer path); a depthwise one (groups = C, no
     shortcut) runs the depthwise kernel instead (fastres.launch.depthwise; config is then its
     own kind of config).
+    pool: fp32 (N, K) zeros, to which the launch adds the per-(image, channel) sums of its output
+    as stored (the squeeze of an SE gate; not with stats).
     """
     global _launches
     act, slope = activations.resolve(activation)
@@ -384,7 +388,7 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
             raise ValueError("fastres conv: grouped convs have no prologue or statistics epilogue")
         if is_depthwise(C, K, groups) and not has_shortcut:
             depthwise_conv2d(x, weight, bias, residual, out, stride, padding, dilation,
-                             (act, slope), _rows_dense, config)
+                             (act, slope), _rows_dense, config, pool)
             _launches += 1
             return out
         # From here on C and K count one group's channels (the kernel's GROUPED convention).
@@ -409,6 +413,9 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
     M = N * P * Q
     if stats is not None and tuple(stats.shape) != (stats_chunks(M), 2, K):
         raise ValueError(f"stats buffer must be {(stats_chunks(M), 2, K)}, got {tuple(stats.shape)}")
+    if pool is not None and (stats is not None or tuple(pool.shape) != (N, K * groups)
+                             or pool.dtype != torch.float32 or not pool.is_contiguous()):
+        raise ValueError(f"pool buffer must be a contiguous fp32 {(N, K * groups)}, without stats")
     kernel, meta = _kernel_and_meta(M, C, K, R, S, flat_reduction, stats is not None,
                                     x.element_size(), config)
     scale, shift = prologue if prologue is not None else (out, out)  # placeholders, never read
@@ -435,7 +442,8 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
-        x2, weight2, out, scale, shift, stats if stats is not None else out,
+        x2, weight2, out, scale, shift,
+        stats if stats is not None else (pool if pool is not None else out),
         x_desc, w_desc, x2_desc, w2_desc, o_desc, r_desc,
         N, C, H, W, K, P, Q, C2, H2, W2,
         *x.stride(), *weight.stride(), *x2_strides, w2_strides[0], w2_strides[1], *res_strides,
@@ -449,6 +457,6 @@ def fused_conv2d(x, weight, bias, residual, x2, weight2, out, stride, padding, d
         OUT_ROWS_DENSE=_rows_dense(out), RES_ROWS_DENSE=residual is not None and _rows_dense(residual),
         UPCAST=upcast, INPUT_PRECISION=fp32_precision, INDEX_64=index_64,
         PROLOGUE=prologue is not None, STATS=stats is not None, STATS_CHUNK=STATS_CHUNK,
-        GROUPED=groups > 1, **meta)
+        GROUPED=groups > 1, POOL=pool is not None, **meta)
     _launches += 1
     return out

@@ -47,18 +47,21 @@ def _kernel_and_meta(config: Optional[dict]):
         _tuned_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_C": c["BLOCK_C"]},
                                    num_warps=c["num_warps"]) for c in GPU_CONFIGS],
-            key=["N", "K", "P", "Q", "R", "S", "MULTIPLIER"])(depthwise_conv2d_kernel)
+            key=["N", "K", "P", "Q", "R", "S", "MULTIPLIER", "POOL"],
+            # POOL adds into its buffer: each timed run, and the real one after, start from zero
+            reset_to_zero=["pool_ptr"])(depthwise_conv2d_kernel)
     return _tuned_kernel, {}
 
 
 def depthwise_conv2d(x, weight, bias, residual, out, stride, padding, dilation, activation,
-                     rows_dense, config: Optional[dict] = None):
+                     rows_dense, config: Optional[dict] = None, pool=None):
     """Launch the depthwise kernel into `out` (N, K, P, Q), any strides.
 
     x: (N, C, H, W); weight: (K, 1, R, S); bias: fp32 (K,) or None; residual: (N, K, P, Q) or
     None; activation: anything fastres.activations.resolve takes; rows_dense(t): whether t's
     row m = (n, p, q) sits at m * stride_w (fastres.launch.conv). config: BLOCK_M, BLOCK_C,
-    num_warps to launch with instead of the chosen ones."""
+    num_warps to launch with instead of the chosen ones. pool: fp32 (N, K) zeros to add the
+    output's per-(image, channel) sums into (kernels/depthwise.py POOL)."""
     act, slope = activations.resolve(activation)
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -71,12 +74,14 @@ def depthwise_conv2d(x, weight, bias, residual, out, stride, padding, dilation, 
 
     kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
-        out, N, H, W, K, P, Q, *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        out, pool if pool is not None else out, N, H, W, K, P, Q, *x.stride(), weight.stride(0),
+        weight.stride(2), weight.stride(3),
         *res_strides, *out.stride(), stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], slope,
         R=R, S=S, MULTIPLIER=K // C, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=activations.code(act),
         SPATIAL_MASK=not (R == S == 1 and tuple(padding) == (0, 0)),
         OUT_ROWS_DENSE=rows_dense(out),
-        RES_ROWS_DENSE=residual is not None and rows_dense(residual), **meta)
+        RES_ROWS_DENSE=residual is not None and rows_dense(residual), POOL=pool is not None,
+        **meta)
     return out

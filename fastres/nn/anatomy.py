@@ -9,7 +9,7 @@ thing. Two ways to know that:
   children on each call is enough: convs/BNs the kernels take, ReLUs that are plain nn.ReLU, and
   the optional extras (timm's drop_block, aa, se, drop_path) acting as identities.
 * any other forward: a probe on a float64 copy with randomised weights and statistics, at
-  several shapes (odd and even sizes >= 16, batch 1 and 3), in eval and in train mode; the
+  several shapes (even sizes >= 16 and an odd one, batch 2 and 3), in eval and in train mode; the
   block then stays fused only while its children and plain attributes are the ones probed.
 Neither runs a user hook: blocks whose submodules carry hooks are never probed.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from fastres import activations, reference
@@ -229,9 +230,40 @@ def known_forward(cls: type, trusted: tuple = ()) -> Optional[KnownForward]:
     return None
 
 
-def _timm_drop_types() -> tuple:
-    mod = sys.modules.get("timm.layers.drop")
-    return tuple(t for t in (getattr(mod, "DropPath", None), getattr(mod, "DropBlock2d", None)) if t)
+def function_activation(node: torch.fx.Node) -> Optional[Tuple[str, float]]:
+    """The activation a call_function / call_method node applies to its first argument, for the
+    functions whose result the kernel can compute (fastres.activations), else None."""
+    F = torch.nn.functional
+    if node.op == "call_function":
+        simple = {torch.relu: "relu", F.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
+                  F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
+        if node.target in simple and len(node.args) == 1:
+            return simple[node.target], 0.0
+        if node.target is F.gelu and len(node.args) == 1:
+            approximate = node.kwargs.get("approximate", "none")
+            return ({"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(approximate)
+                    if isinstance(approximate, str) else None)
+        if node.target is F.leaky_relu:
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu", 0.0
+    return None
+
+
+def _drop_types() -> dict:
+    """The drop layers of timm (DropPath, DropBlock2d) and torchvision (StochasticDepth, as in
+    its EfficientNet), by class: the attribute holding their probability (looked up only if the
+    library is loaded)."""
+    found = {}
+    for module_name, cls_name, attr in (("timm.layers.drop", "DropPath", "drop_prob"),
+                                        ("timm.layers.drop", "DropBlock2d", "drop_prob"),
+                                        ("torchvision.ops.stochastic_depth", "StochasticDepth", "p")):
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if cls is not None:
+            found[cls] = attr
+    return found
 
 
 def acts_as_identity(m: Optional[nn.Module], training: Optional[bool] = None) -> bool:
@@ -242,9 +274,16 @@ def acts_as_identity(m: Optional[nn.Module], training: Optional[bool] = None) ->
     training = m.training if training is None else training
     if type(m) in (nn.Dropout, nn.Dropout2d):
         return not training or m.p == 0
-    if type(m) in _timm_drop_types():
-        return not training or not m.drop_prob
+    attr = _drop_types().get(type(m))
+    if attr is not None:
+        return not training or not getattr(m, attr)
     return False
+
+
+def is_drop_layer(m: nn.Module) -> bool:
+    """Whether m is a dropout or drop-path layer (an identity in eval mode)."""
+    cls = original_class(m)
+    return cls in (nn.Dropout, nn.Dropout2d) or cls in _drop_types()
 
 
 def known_forward_reason(block: nn.Module, spec: KnownForward,
@@ -268,9 +307,10 @@ def known_forward_reason(block: nn.Module, spec: KnownForward,
 # ---------------------------------------------------------------------------------------------
 # The probe, for forwards fastres does not know
 
-# (batch, height, width) of the probe inputs: odd and even sizes, batch 1 and 3. A forward that
-# cannot run at these sizes (anti-aliasing, dilations) is tried at twice and four times them.
-PROBE_SHAPES = ((1, 16, 17), (3, 17, 16))
+# (batch, height, width) of the probe inputs: batch 2 and 3, even sizes >= 16 and an odd one
+# (where a stride's or a pool's rounding shows). A forward that cannot run at these sizes
+# (anti-aliasing, dilations) is tried at twice and four times them.
+PROBE_SHAPES = ((2, 16, 16), (3, 32, 24), (2, 17, 19))
 PROBE_SCALES = (1, 2, 4)
 
 

@@ -46,6 +46,18 @@ from fastres.nn.modules import (
     script_error,
 )
 from fastres.nn.plan import plan, run
+from fastres.nn.residual import (
+    NotResidual,
+    Residual,
+    Stage,
+    Unfusable,
+    dual_gemm_shortcut,
+    find_residual,
+    launches,
+    ops_reason,
+    probe_residual,
+    residual_block_reason,
+)
 from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, run_train_op
 
 
@@ -281,6 +293,112 @@ def fuse_block(block: nn.Module, verify: bool = True, trust: tuple = ()) -> Opti
     block.__class__ = fused_block_class(type(block), kind == "Bottleneck")
     block._fastres_init(spec, probed, train_reason)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual blocks of any other shape (fastres.nn.residual)
+
+class FusedResidualBase(FusedBlockBase):
+    """The fused forward of a residual block read by fastres.nn.residual: in eval mode one
+    launch per conv stage (the shortcut's last 1x1 conv as the second GEMM of f's last), the
+    add and the activation in the last launch's epilogue. Per-instance state (instance dict):
+      _fastres_residual  the Residual structure
+      _fastres_caches    a FoldCache per stage conv (and "last" for the last conv + shortcut)
+      _fastres_probed    (submodules, plain attributes) as traced and probed
+    """
+
+    _fastres_unit = "residual"
+
+    def _fastres_init_residual(self, residual: Residual, probed) -> None:
+        d = self.__dict__
+        convs = [op.conv for op in residual.branch + residual.shortcut if isinstance(op, Stage)]
+        d["_fastres_residual"] = residual
+        d["_fastres_caches"] = {name: FoldCache() for name in convs + ["last"]}
+        d["_fastres_probed"] = probed
+        d["_fastres_spec"] = None
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        return residual_block_reason(self, train=False)
+
+    @property
+    def train_fallback_reason(self) -> Optional[str]:
+        return residual_block_reason(self, train=True)
+
+    def _fastres_unfused(self, *args, **kwargs):
+        return type(self)._fastres_original_class.forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # (the gates' torch.fx modules are rebuilt from a fresh trace: residual.gate_modules)
+        state = {k: v for k, v in self.__dict__.items() if k != "_fastres_gates"}
+        return (_rebuild_fused_residual, (type(self)._fastres_original_class,), state)
+
+
+_fused_residual_classes: Dict[type, type] = {}
+
+
+def fused_residual_class(original: type) -> type:
+    """The class a residual block of class `original` gets: a subclass of FusedResidualBase
+    (the fused forward) and of `original`, whose own names win except forward and fastres's."""
+    cls = _fused_residual_classes.get(original)
+    if cls is None:
+        keep = {"forward", "fallback_reason", "train_fallback_reason", "from_block",
+                "__reduce_ex__", "__prepare_scriptable__"}
+        ours = {n for c in FusedResidualBase.__mro__ if c not in nn.Module.__mro__ for n in vars(c)}
+        theirs = {n for c in original.__mro__ if c not in nn.Module.__mro__ for n in vars(c)}
+        shadowed = {n for n in ours & theirs if n not in keep and not n.startswith("_fastres")
+                    and (n == "__init__" or not (n.startswith("__") and n.endswith("__")))}
+        namespace = {n: inspect.getattr_static(original, n) for n in shadowed}
+        namespace.update(_fastres_original_class=original, __module__=original.__module__,
+                         __qualname__=f"Fused{original.__qualname__}")
+        cls = type(f"Fused{original.__name__}", (FusedResidualBase, original), namespace)
+        _fused_residual_classes[original] = cls
+    return cls
+
+
+def _rebuild_fused_residual(original: type) -> nn.Module:
+    return nn.Module.__new__(fused_residual_class(original))
+
+
+def fuse_residual(block: nn.Module, verify: bool = True) -> Tuple[bool, Optional[str]]:
+    """Fuse a residual block of any shape in place (fastres.nn.residual). Returns (candidate,
+    reason): candidate = whether block is a residual block at all; reason = why it was left
+    alone (None: fused). Changes nothing unless it fuses."""
+    if _is_fastres_module(block):
+        return False, None
+    try:
+        residual = find_residual(block)
+    except NotResidual:
+        return False, None
+    except Unfusable as exc:
+        return True, str(exc)
+    if "forward" in block.__dict__:
+        return True, "forward is overridden on the instance"
+    reason = submodule_hooks_reason(block)
+    if reason:
+        return True, reason
+    if not verify:
+        return True, "its forward is not one fastres knows, and verify=False skips the probe"
+    if global_hooks_registered():
+        return True, ("global module hooks are registered: fastres does not run them on its "
+                      "probe")
+    reason = ops_reason(block, residual, training=False) or probe_residual(block, residual)
+    if reason:
+        return True, reason
+    probed = (module_structure(block), attribute_snapshot(block))
+    block.__class__ = fused_residual_class(type(block))
+    block._fastres_init_residual(residual, probed)
+    return True, None
+
+
+def residual_detail(block: FusedResidualBase) -> str:
+    """The report's line for a fused residual block."""
+    r = block.__dict__["_fastres_residual"]
+    dual = dual_gemm_shortcut(block, r)
+    detail = f"{launches(r, dual)} launches: {r.describe()}"
+    if dual:
+        detail += f" ({r.shortcut[-1].conv} as the second GEMM)"
+    return detail + f"; train mode runs unfused: {block.train_fallback_reason}"
 
 
 # ---------------------------------------------------------------------------------------------

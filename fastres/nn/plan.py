@@ -28,8 +28,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastres import activations
+from fastres.launch import conv as conv_launch
+from fastres.launch.gate import gate_act
 from fastres.nn.anatomy import (
     block_pairs,
     block_reason,
@@ -42,8 +45,26 @@ from fastres.nn.anatomy import (
     train_kernels_run,
 )
 from fastres.nn.folding import cached_fold, cached_fold_with_shortcut, invalidate_all
+from fastres.nn.residual import (
+    Gate,
+    Stage,
+    dual_gemm_shortcut,
+    final_activation,
+    gate_modules,
+    residual_block_reason,
+    stage_activation,
+)
 from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, NO_SHORTCUT, run_train_op
-from fastres.ops.conv_bn_act import conv_bn_act, conv_padding, execution_plan, torch_conv_bn_act
+from fastres.ops.conv_bn_act import (
+    backend_for,
+    conv_bn_act,
+    conv_padding,
+    empty_output,
+    execution_plan,
+    get_fp32_precision,
+    output_size,
+    torch_conv_bn_act,
+)
 
 UNFUSED, REFERENCE, FOLDED, TRAIN, FX_LEAF = "unfused", "reference", "folded", "train", "fx_leaf"
 RELU = ("relu", 0.0)
@@ -65,6 +86,15 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class GateStep:
+    """An SE / ECA gate of a FOLDED residual plan on the launch before it (which also pools its
+    output): z * module(mean of z, z), the product fused with what follows it (the add and the
+    activation when it ends the branch)."""
+    module: nn.Module  # the gate's torch.fx module, (pooled, z) -> gate (residual.gate_modules)
+    keepdim: bool
+
+
+@dataclass(frozen=True)
 class Plan:
     path: str
     reason: Optional[str] = None  # why UNFUSED or REFERENCE
@@ -74,6 +104,12 @@ class Plan:
     eager_torch: bool = False     # FOLDED: call the folded torch path directly (see execution_plan)
     train_op: Optional[Tuple[List[nn.Conv2d], List[nn.BatchNorm2d], int, bool]] = None
     # TRAIN: (convs, bns, shortcut kind, final ReLU) for fastres.ops.block_train.run_train_op
+    residual: Optional[Tuple[tuple, tuple, Optional[Launch], Tuple[str, float]]] = None
+    # FOLDED residual block (fastres.nn.residual): (branch steps, shortcut steps, last launch,
+    # final activation), a step a Launch, a GateStep or a module run as it is; the last launch
+    # adds the shortcut's result (or reduces its 1x1 conv as the second GEMM on the shortcut's
+    # input) before its activation. A branch that ends in a gate has no last launch: its gate
+    # pass adds the shortcut and applies the activation.
 
 
 def plan(module: nn.Module, args: tuple, kwargs: dict) -> Plan:
@@ -84,6 +120,8 @@ def plan(module: nn.Module, args: tuple, kwargs: dict) -> Plan:
         return _plan_block(module, args, kwargs)
     if unit == "sequential":
         return _plan_sequential(module, args, kwargs)
+    if unit == "residual":
+        return _plan_residual(module, args, kwargs)
     return _plan_chain(module, args[0])
 
 
@@ -101,10 +139,71 @@ def run(module: nn.Module, p: Plan, args: tuple, kwargs: dict) -> Tensor:
     if p.path == TRAIN:
         convs, bns, shortcut, relu = p.train_op
         return run_train_op(convs, bns, p.x, shortcut, relu)
+    if p.residual is not None:
+        return _run_residual(p)
     out = p.x
     for launch in p.launches:
         out = _fused_conv(out, p.x, launch, p.eager_torch)
     return out
+
+
+def _run_residual(p: Plan) -> Tensor:
+    branch, shortcut, last, act = p.residual
+    s = h = p.x
+    for step in shortcut:
+        s = _fused_conv(s, s, step, p.eager_torch) if isinstance(step, Launch) else step(s)
+    pooled = None
+    for i, step in enumerate(branch):
+        if isinstance(step, GateStep):
+            ends = last is None and i == len(branch) - 1  # the gate pass ends the block
+            h = _gate(h, pooled, step, s if ends else None, act if ends else ("identity", 0.0))
+        elif isinstance(step, Launch):
+            if i + 1 < len(branch) and isinstance(branch[i + 1], GateStep):
+                h, pooled = _fused_conv_pooled(h, step)
+            else:
+                h = _fused_conv(h, h, step, p.eager_torch)
+        else:
+            h = step(h)
+    return h if last is None else _fused_conv(h, s, last, p.eager_torch)
+
+
+def _fused_conv_pooled(h: Tensor, launch: Launch) -> Tuple[Tensor, Tensor]:
+    """(z, the mean of z over each image) for the conv of `launch` (no residual): the mean from
+    the sums the kernel's POOL epilogue adds up as it stores z (fp32, rounded to z's dtype as
+    z.mean would round it); on the torch path, z.mean itself."""
+    conv = launch.conv
+    stride, padding, dilation = conv.stride, conv_padding(conv), conv.dilation
+    if backend_for(h) == "torch":
+        z = torch_conv_bn_act(h, launch.weight, launch.bias, None, None, None, stride, padding,
+                              dilation, None, launch.activation, conv.groups)
+        return z, z.mean((2, 3))
+    N, _, H, W = h.shape
+    K, _, R, S = launch.weight.shape
+    P = output_size(H, R, stride[0], padding[0], dilation[0])
+    Q = output_size(W, S, stride[1], padding[1], dilation[1])
+    z = empty_output(h, (N, K, P, Q))
+    sums = torch.zeros(N, K, dtype=torch.float32, device=h.device)
+    conv_launch.fused_conv2d(h, launch.weight, launch.bias, None, None, None, z, stride, padding,
+                             dilation, (1, 1), launch.activation, get_fp32_precision(),
+                             groups=conv.groups, pool=sums)
+    return z, (sums / (P * Q)).to(z.dtype)
+
+
+def _gate(z: Tensor, pooled: Tensor, step: GateStep, residual: Optional[Tensor],
+          act: Tuple[str, float]) -> Tensor:
+    """act(z * gate + residual), gate = the gate's network on z's pooled means."""
+    N, K = pooled.shape
+    g = step.module(pooled.view(N, K, 1, 1) if step.keepdim else pooled, z)
+    if backend_for(z) == "torch":
+        out = z * g
+        if residual is not None:
+            out += residual
+        return activations.apply(out, *act, inplace=True)
+    if g.dim() == 4 and tuple(g.shape[2:]) != (1, 1):
+        if g.stride(2) or g.stride(3):
+            raise RuntimeError("fastres: an SE gate that varies over the image")
+        g = g[:, :, :1, :1]  # (expand_as: one value per image and channel)
+    return gate_act(z, g.reshape(N, K), residual, act)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +298,73 @@ def _plan_block(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
         launches.append(Launch(last, weight, bias, RELU,
                                shortcut=(weight2, tuple(ds_conv.stride))))
     return Plan(FOLDED, x=x, launches=tuple(launches), eager_torch=eager_torch)
+
+
+def _plan_residual(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
+    d = block.__dict__
+    r = d.get("_fastres_residual")
+    train = r is None or any(m.training for m in block.modules())
+    reason = call_reason(args, kwargs, train) or residual_block_reason(block, train, call=True)
+    if reason:
+        return Plan(UNFUSED, reason, train)
+    x = args[0]
+    reason = input_reason(x)
+    if reason:
+        return Plan(UNFUSED, reason)
+    get = block.get_submodule
+    stages = [op for op in r.branch + r.shortcut if isinstance(op, Stage)]
+    gated = any(isinstance(op, Gate) for op in r.branch)
+    if gated:
+        reason = _gate_context_reason(block, x)
+        if reason:
+            return Plan(UNFUSED, reason)
+    x = prepare_input(x, [(op.conv, get(op.conv)) for op in stages])
+    eager_torch, fmt = execution_plan(x)
+    caches = d["_fastres_caches"]
+
+    def step(op):
+        if isinstance(op, Stage):
+            return Launch(get(op.conv), *cached_fold(caches[op.conv], get(op.conv), get(op.bn),
+                                                     fmt, x.dtype), stage_activation(block, op))
+        if isinstance(op, Gate):
+            return GateStep(gate_modules(block)[op.index], op.keepdim)
+        return get(op.module)
+
+    def steps(ops):
+        return tuple(step(op) for op in ops)
+
+    last, act = r.branch[-1], final_activation(block, r)
+    if isinstance(last, Gate):
+        return Plan(FOLDED, x=x, eager_torch=eager_torch,
+                    residual=(steps(r.branch), steps(r.shortcut), None, act))
+    conv, bn = get(last.conv), get(last.bn)
+    if dual_gemm_shortcut(block, r):
+        ds = r.shortcut[-1]
+        ds_conv = get(ds.conv)
+        weight, weight2, bias = cached_fold_with_shortcut(caches["last"], conv, bn, ds_conv,
+                                                          get(ds.bn), fmt, x.dtype)
+        final = Launch(conv, weight, bias, act, shortcut=(weight2, tuple(ds_conv.stride)))
+        shortcut = steps(r.shortcut[:-1])
+    else:
+        final = Launch(conv, *cached_fold(caches["last"], conv, bn, fmt, x.dtype), act,
+                       residual=True)
+        shortcut = steps(r.shortcut)
+    return Plan(FOLDED, x=x, eager_torch=eager_torch,
+                residual=(steps(r.branch[:-1]), shortcut, final, act))
+
+
+def _gate_context_reason(block: nn.Module, x: Tensor) -> Optional[str]:
+    """Why a residual block with an SE / ECA gate runs its own forward for this call (None: it
+    fuses): the gate's pass is fused for inference only."""
+    # (its Triton path launches the kernels directly, not through a registered op: no fake
+    # tensors; the torch path is torch ops, which dispatch modes such as fastres's op counter see)
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (_get_current_dispatch_mode() is not None and backend_for(x) == "triton")):
+        return ("an SE / ECA gate fuses in eager inference only (not under torch.compile, "
+                "tracing or a dispatch mode)")
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return "an SE / ECA gate fuses in inference only (autograd is recording)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

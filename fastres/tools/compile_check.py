@@ -10,9 +10,10 @@ then run on small CPU tensors inside fastres.launch.target.compile_only(), where
 Triton path and the first candidate config, untimed: eval-mode blocks, the stem, and training
 steps (forward and backward), in each dtype and memory format, plus every config of
 fastres/launch/conv_configs.json for its problem class, each epilogue activation
-(fastres.activations) on a 3x3 conv, and grouped and depthwise convs. Nothing executes, so the
-numbers those paths produce are meaningless; only the compilation is checked, and each kernel's shared memory
-against the target's per-block limit.
+(fastres.activations) on a 3x3 conv, grouped and depthwise convs, and the SE / ECA path (the
+pooling epilogue, the gate pass). Nothing executes, so the numbers those paths produce are
+meaningless; only the compilation is checked, and each kernel's shared memory against the
+target's per-block limit.
 
 It catches what Triton's interpreter cannot: tl.dot's shape and dtype rules, constexpr and type
 errors in branches the interpreter treats loosely, and configs that overflow shared memory.
@@ -275,6 +276,43 @@ def _grouped_scenarios(dtypes, formats) -> List[Scenario]:
             for label, *problem in problems for dtype in dtypes for fmt in formats]
 
 
+def _gate_scenarios(dtypes, formats) -> List[Scenario]:
+    """The SE / ECA path: the POOL epilogue on a 1x1 conv (a plain GEMM by TMA on sm_90), a
+    64-channel 3x3 (output patches: one image per tile), a grouped 3x3 and a depthwise 3x3;
+    then the gate pass, with and without a residual."""
+    from fastres.launch.gate import gate_act
+
+    # (label, C, K, groups, R)
+    convs = [("pool 1x1", 64, 64, 1, 1), ("pool 3x3 64", 64, 64, 1, 3),
+             ("pool grouped 3x3", 64, 64, 8, 3), ("pool depthwise 3x3", 64, 64, 64, 3)]
+
+    def conv(C, K, groups, R, dtype, fmt):
+        def run(report: CompileReport):
+            x = torch.randn(2, C, 16, 16, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.randn(K, C // groups, R, R, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            out = torch.empty(2, K, 16, 16, dtype=dtype).contiguous(memory_format=fmt)
+            fused_conv2d(x, w, torch.zeros(K), None, None, None, out, (1, 1), (R // 2, R // 2),
+                         (1, 1), (1, 1), "silu", "tf32", groups=groups, pool=torch.zeros(2, K))
+        return run
+
+    def gate(residual, dtype, fmt):
+        def run(report: CompileReport):
+            y = torch.randn(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=fmt)
+            gate_act(y, torch.rand(2, 64, dtype=dtype), torch.empty_like(y) if residual else None,
+                     "relu" if residual else "identity")
+        return run
+
+    def layout(fmt):
+        return "channels_last" if fmt == torch.channels_last else "nchw"
+    scenarios = [(f"{label} {dtype} {layout(fmt)}", conv(*problem, dtype, fmt))
+                 for label, *problem in convs for dtype in dtypes for fmt in formats]
+    scenarios += [(f"gate pass{' +res' if residual else ''} {dtype} {layout(fmt)}",
+                   gate(residual, dtype, fmt))
+                  for residual in (True, False) for dtype in dtypes for fmt in formats]
+    return scenarios
+
+
 def run(arch: int = 90, quick: bool = False) -> CompileReport:
     if INTERPRETED:
         raise RuntimeError("compile-check needs the real Triton JIT: unset TRITON_INTERPRET before "
@@ -284,7 +322,8 @@ def run(arch: int = 90, quick: bool = False) -> CompileReport:
     report = CompileReport(arch)
     scenarios = _model_scenarios(dtypes, formats) + _config_scenarios(dtypes)
     if arch >= 90 or not quick:  # (CI's quick sm_80 run leaves the epilogue variants to sm_90's)
-        scenarios += _activation_scenarios(dtypes) + _grouped_scenarios(dtypes, formats)
+        scenarios += (_activation_scenarios(dtypes) + _grouped_scenarios(dtypes, formats)
+                      + _gate_scenarios(dtypes, formats))
     with _compile_only(Target.for_arch(arch), report):
         for label, scenario in scenarios:
             report.scenarios += 1

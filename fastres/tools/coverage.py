@@ -2,8 +2,9 @@
 
 For each model (random weights, eval mode, on the CPU): the conv + BN pairs fused out of all
 (a pair: a conv whose only user is a BatchNorm2d or timm's BatchNormAct2d, found by torch.fx;
-models torch.fx cannot trace count their BN modules instead), the candidate ResNet blocks fused
-out of all, and the ops one forward runs before and after (fastres.tools.optrace: a
+models torch.fx cannot trace count their BN modules instead), the candidate residual blocks
+fused out of all (BasicBlock / Bottleneck by their child names, any other module by its traced
+forward: fastres.nn.residual), and the ops one forward runs before and after (fastres.tools.optrace: a
 fastres::conv_bn_act counts once, like the kernel launch it is on a GPU). The models run the
 folded torch path, so this works without a GPU or Triton's interpreter.
 """
@@ -18,7 +19,9 @@ import torch
 import torch.fx
 from torch import nn
 
-BLOCK_KINDS = ("BasicBlock", "Bottleneck")
+# fusion_report() kinds of residual blocks: the ResNet blocks known by their child names, and
+# residual blocks of any other shape (fastres.nn.residual)
+BLOCK_KINDS = ("BasicBlock", "Bottleneck", "residual")
 
 
 @dataclass
@@ -68,16 +71,17 @@ def conv_bn_pairs(model: nn.Module):
 
 
 def fused_pairs(model: nn.Module) -> int:
-    """The conv + BN pairs an optimized model runs fused: its chains and its fused blocks' convs
-    (with the downsample's)."""
-    from fastres.nn.blocks import FusedBlockBase
+    """The conv + BN pairs an optimized model runs fused: its chains and its fused BasicBlock /
+    Bottleneck blocks' convs (with the downsample's); a residual block of another shape fuses
+    its convs as chains too (for its train mode), so they are counted as chains."""
+    from fastres.nn.blocks import FusedBlockBase, FusedResidualBase
     from fastres.nn.modules import FusedConv2d
 
     n = 0
     for m in model.modules():
         if isinstance(m, FusedConv2d):
             n += 1
-        elif isinstance(m, FusedBlockBase):
+        elif isinstance(m, FusedBlockBase) and not isinstance(m, FusedResidualBase):
             n += len(m._fastres_stages) + (getattr(m, "downsample", None) is not None)
     return n
 

@@ -83,13 +83,17 @@ def test_timm_models(name, blocks, device):
         _assert_model_close(err, eager_err, scale, torch.float32)
 
 
-def test_timm_resnet50d_avgpool_shortcut_is_left_alone_with_reason(monkeypatch):
+def test_timm_resnet50d_avgpool_shortcut_fuses_as_a_residual_block(monkeypatch):
     original, fused = _pair(timm.create_model("resnet50d", pretrained=False, num_classes=10))
     report = fastres.fusion_report(fused)
-    alone = {e.path: e.detail for e in report.left_alone}
-    assert set(alone) == {"layer2.0", "layer3.0", "layer4.0"}
-    assert all("AvgPool2d + Conv2d + BatchNorm2d" in detail for detail in alone.values())
-    # layer1.0's shortcut is Identity + conv1x1 + BN (the stride-1 "avg-pool"): fused.
+    assert not report.left_alone, str(report)
+    # The AvgPool2d + conv1x1 + BN shortcuts of layer2-4's first blocks: the block is read from
+    # its forward (fastres.nn.residual), the pool runs as it is, the conv is the second GEMM.
+    residual = {e.path: e.detail for e in report.fused if e.kind == "residual"}
+    assert set(residual) == {"layer2.0", "layer3.0", "layer4.0"}
+    assert all("downsample.0 -> downsample.1 (downsample.1 as the second GEMM)" in d
+               for d in residual.values()), residual
+    # layer1.0's shortcut is Identity + conv1x1 + BN (the stride-1 "avg-pool"): a Bottleneck.
     fused_blocks = [e.path for e in report.fused if e.kind == "Bottleneck"]
     assert len(fused_blocks) == 13 and "layer1.0" in fused_blocks
     # The deep stem's three conv+bn+relu chains and the chains inside left-alone blocks fuse.
