@@ -10,6 +10,8 @@
 #   tests.log    the test-suite with the Triton kernels compiled for real (FASTRES_AUTOTUNE=0:
 #                one config per shape class, so hundreds of tiny test shapes are not autotuned)
 #   demo.log     python -m fastres demo: resnet50 converted, checked, launches, timings
+#   zoo_demo.log the same for torchvision's efficientnet_b0 (depthwise convs, SE gates, SiLU)
+#                and regnet_y_400mf (grouped convs, SE gates, 1x1 projection shortcuts)
 #   gate.log     the timing-free perf-regression gate
 #   bench/       python -m fastres bench --quick --level layer,model,train: raw.json, results.json,
 #                results.csv, speedup.png (bench.log: its table)
@@ -70,6 +72,10 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step tests "$limit_tests" env FASTRES_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider \
     --junitxml="$out/tests.xml" "${test_args[@]}"
 step demo "$limit_demo" "$py" -m fastres demo "${demo_args[@]}"
+if [ "$mode" != "--smoke" ]; then
+    step zoo_demo 60 bash -c "'$py' -m fastres demo --model efficientnet_b0 && \
+        '$py' -m fastres demo --model regnet_y_400mf"
+fi
 step gate 40 "$py" -m fastres gate
 limit_bench=$(( budget - 20 - ($(date +%s) - started) ))
 [ "$limit_bench" -ge 60 ] || limit_bench=60
@@ -87,6 +93,9 @@ fi
     echo "|---|---|---|"
     echo "| tests | ${rc[tests]} | $(grep -E '[0-9]+ (passed|failed)' "$out/tests.log" | tail -1) |"
     echo "| demo | ${rc[demo]} | $(tail -1 "$out/demo.log") |"
+    if [ -n "${rc[zoo_demo]:-}" ]; then
+        echo "| zoo demo | ${rc[zoo_demo]} | $(tail -1 "$out/zoo_demo.log") |"
+    fi
     echo "| gate | ${rc[gate]} | $(tail -1 "$out/gate.log" | cut -c1-80) |"
     echo "| bench | ${rc[bench]} | $(tail -1 "$out/bench.log" | cut -c1-80) |"
     if [ -n "${rc[timing_gate]:-}" ]; then
@@ -96,6 +105,9 @@ fi
     echo "Demo timings:"
     echo
     grep -E "^  (original|fastres|ratio) " "$out/demo.log" | sed 's/^/    /'
+    if [ -f "$out/zoo_demo.log" ]; then
+        grep -E "^  (original|fastres|ratio) |^model" "$out/zoo_demo.log" | sed 's/^/    /'
+    fi
     echo
     echo "Benchmark table (median ms per call; fastres speedups; roofline fraction):"
     echo

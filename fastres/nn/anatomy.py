@@ -310,7 +310,7 @@ def known_forward_reason(block: nn.Module, spec: KnownForward,
 # (batch, height, width) of the probe inputs: batch 2 and 3, even sizes >= 16 and an odd one
 # (where a stride's or a pool's rounding shows). A forward that cannot run at these sizes
 # (anti-aliasing, dilations) is tried at twice and four times them.
-PROBE_SHAPES = ((2, 16, 16), (3, 32, 24), (2, 17, 19))
+PROBE_SHAPES = ((2, 16, 16), (3, 16, 20), (2, 17, 19))
 PROBE_SCALES = (1, 2, 4)
 
 

@@ -311,7 +311,9 @@ class FusedResidualBase(FusedBlockBase):
 
     def _fastres_init_residual(self, residual: Residual, probed) -> None:
         d = self.__dict__
-        convs = [op.conv for op in residual.branch + residual.shortcut if isinstance(op, Stage)]
+        ops = residual.prefix + residual.branch + residual.shortcut + tuple(
+            op for term in residual.extra for op in term)
+        convs = [op.conv for op in ops if isinstance(op, Stage)]
         d["_fastres_residual"] = residual
         d["_fastres_caches"] = {name: FoldCache() for name in convs + ["last"]}
         d["_fastres_probed"] = probed
@@ -330,7 +332,7 @@ class FusedResidualBase(FusedBlockBase):
 
     def __reduce_ex__(self, protocol):
         # (the gates' torch.fx modules are rebuilt from a fresh trace: residual.gate_modules)
-        state = {k: v for k, v in self.__dict__.items() if k != "_fastres_gates"}
+        state = {k: v for k, v in self.__dict__.items() if k != "_fastres_traced"}
         return (_rebuild_fused_residual, (type(self)._fastres_original_class,), state)
 
 
@@ -395,7 +397,8 @@ def residual_detail(block: FusedResidualBase) -> str:
     """The report's line for a fused residual block."""
     r = block.__dict__["_fastres_residual"]
     dual = dual_gemm_shortcut(block, r)
-    detail = f"{launches(r, dual)} launches: {r.describe()}"
+    n = launches(r, dual)
+    detail = f"{n} launch{'es' if n != 1 else ''}: {r.describe()}"
     if dual:
         detail += f" ({r.shortcut[-1].conv} as the second GEMM)"
     return detail + f"; train mode runs unfused: {block.train_fallback_reason}"

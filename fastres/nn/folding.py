@@ -70,13 +70,18 @@ def kernel_weight_layout(weight: Tensor) -> Tensor:
     elements), each filter row is padded with zeros to fastres.launch.conv.padded_row_length
     (32), so that the kernel reads the weight in aligned 16-byte vectors instead of 2-byte
     gathers: a (K, C, R, S) view with strides (R * row, 1, row, C) of a (K, R, row) buffer.
-    Differentiable (views of a padded copy)."""
+    A depthwise filter (C = 1) is stored tap-major instead, (R, S, K). Differentiable (views
+    of a padded or permuted copy)."""
     from fastres.launch.conv import mark_zero_padded, padded_row_length
 
+    K, C, R, S = weight.shape
+    if C == 1 and R * S > 1:
+        # A depthwise filter (kernels/depthwise.py reads one tap of BLOCK_C channels at a time):
+        # tap-major, the channels contiguous, so that a tap's weights load as vectors.
+        return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     weight = weight.contiguous(memory_format=torch.channels_last)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return weight  # (traced: the kernel trusts only padding it saw made, see padded_rows)
-    K, C, R, S = weight.shape
     row = padded_row_length(C, R, S)
     if not row:
         return weight
@@ -85,13 +90,23 @@ def kernel_weight_layout(weight: Tensor) -> Tensor:
     return rows[:, :, :S * C].unflatten(2, (S, C)).permute(0, 3, 1, 2)
 
 
-def fold_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d,
+def fold_modules(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
                  memory_format: torch.memory_format = torch.channels_last,
                  dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """fold_conv_bn of the modules' tensors; for the kernel (channels_last), in the layout
-    kernel_weight_layout gives it."""
-    weight, bias = fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                                bn.running_var, bn.eps, dtype=dtype, memory_format=memory_format)
+    kernel_weight_layout gives it. bn None: the conv alone (its weight cast and laid out, its
+    bias, or zeros, in fp32)."""
+    if bn is None:
+        math = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        weight = conv.weight.to(dtype or conv.weight.dtype)
+        if memory_format != torch.preserve_format:
+            weight = weight.contiguous(memory_format=memory_format)
+        bias = (conv.bias.to(math) if conv.bias is not None
+                else torch.zeros(conv.out_channels, dtype=math, device=weight.device))
+    else:
+        weight, bias = fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                    bn.running_var, bn.eps, dtype=dtype,
+                                    memory_format=memory_format)
     if memory_format == torch.channels_last:
         weight = kernel_weight_layout(weight)
     return weight, bias
@@ -168,8 +183,10 @@ def _member(module: nn.Module, store: str, name: str):
     return getattr(module, name) if t is _MISSING else t
 
 
-def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
+def conv_bn_sources(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> list:
     """The tensors a fold reads, and num_batches_tracked (see the module docstring)."""
+    if bn is None:
+        return [_member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias")]
     return [_member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias"),
             _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"),
             _member(bn, "_buffers", "running_mean"), _member(bn, "_buffers", "running_var"),
@@ -179,8 +196,12 @@ def conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
 def cached_fold(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                 memory_format: torch.memory_format, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(weight, bias) of conv with bn folded in, from `cache` unless a source changed."""
-    return cache.get(conv_bn_sources(conv, bn), (bn.eps, memory_format, dtype),
+    return cache.get(conv_bn_sources(conv, bn), (_eps(bn), memory_format, dtype),
                      lambda: fold_modules(conv, bn, memory_format, dtype))
+
+
+def _eps(bn: Optional[nn.BatchNorm2d]) -> Optional[float]:
+    return None if bn is None else bn.eps
 
 
 def cached_fold_with_shortcut(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
@@ -194,4 +215,4 @@ def cached_fold_with_shortcut(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNor
         w2, b2 = fold_modules(ds_conv, ds_bn, memory_format, dtype)
         return w, w2, b + b2
     return cache.get(conv_bn_sources(conv, bn) + conv_bn_sources(ds_conv, ds_bn),
-                     (bn.eps, ds_bn.eps, memory_format, dtype), compute)
+                     (_eps(bn), _eps(ds_bn), memory_format, dtype), compute)

@@ -23,6 +23,7 @@ Debugging: `fastres.nn.plan.plan(model.layer1[0], (x,), {})` shows what a call w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
@@ -47,11 +48,15 @@ from fastres.nn.anatomy import (
 from fastres.nn.folding import cached_fold, cached_fold_with_shortcut, invalidate_all
 from fastres.nn.residual import (
     Gate,
+    Norm,
+    Segment,
     Stage,
     dual_gemm_shortcut,
     final_activation,
     gate_modules,
     residual_block_reason,
+    run_norm,
+    segment_modules,
     stage_activation,
 )
 from fastres.ops.block_train import DOWNSAMPLE, IDENTITY, NO_SHORTCUT, run_train_op
@@ -104,9 +109,11 @@ class Plan:
     eager_torch: bool = False     # FOLDED: call the folded torch path directly (see execution_plan)
     train_op: Optional[Tuple[List[nn.Conv2d], List[nn.BatchNorm2d], int, bool]] = None
     # TRAIN: (convs, bns, shortcut kind, final ReLU) for fastres.ops.block_train.run_train_op
-    residual: Optional[Tuple[tuple, tuple, Optional[Launch], Tuple[str, float]]] = None
-    # FOLDED residual block (fastres.nn.residual): (branch steps, shortcut steps, last launch,
-    # final activation), a step a Launch, a GateStep or a module run as it is; the last launch
+    residual: Optional[tuple] = None
+    # FOLDED residual block (fastres.nn.residual): (prefix steps, branch steps, shortcut steps,
+    # last launch, final activation, steps of each extra term), a step a Launch, a GateStep or a
+    # module (or a block's BN -> activation) run as it is, branch, shortcut and extra terms
+    # starting where the prefix ends (the extra terms are added to the residual); the last launch
     # adds the shortcut's result (or reduces its 1x1 conv as the second GEMM on the shortcut's
     # input) before its activation. A branch that ends in a gate has no last launch: its gate
     # pass adds the shortcut and applies the activation.
@@ -148,15 +155,27 @@ def run(module: nn.Module, p: Plan, args: tuple, kwargs: dict) -> Tensor:
 
 
 def _run_residual(p: Plan) -> Tensor:
-    branch, shortcut, last, act = p.residual
+    prefix, branch, shortcut, last, act, extra = p.residual
     s = h = p.x
+    for step in prefix:
+        s = h = _fused_conv(h, h, step, p.eager_torch) if isinstance(step, Launch) else step(h)
+    start = h
     for step in shortcut:
         s = _fused_conv(s, s, step, p.eager_torch) if isinstance(step, Launch) else step(s)
+    residual = None  # the extra terms' sum (with s unless s is the second GEMM's input)
+    for term in extra:
+        t = start
+        for step in term:
+            t = _fused_conv(t, t, step, p.eager_torch) if isinstance(step, Launch) else step(t)
+        residual = t if residual is None else residual + t
+    if last is None or not last.shortcut:
+        residual = s if residual is None else residual + s
     pooled = None
     for i, step in enumerate(branch):
         if isinstance(step, GateStep):
             ends = last is None and i == len(branch) - 1  # the gate pass ends the block
-            h = _gate(h, pooled, step, s if ends else None, act if ends else ("identity", 0.0))
+            h = _gate(h, pooled, step, residual if ends else None,
+                      act if ends else ("identity", 0.0))
         elif isinstance(step, Launch):
             if i + 1 < len(branch) and isinstance(branch[i + 1], GateStep):
                 h, pooled = _fused_conv_pooled(h, step)
@@ -164,7 +183,7 @@ def _run_residual(p: Plan) -> Tensor:
                 h = _fused_conv(h, h, step, p.eager_torch)
         else:
             h = step(h)
-    return h if last is None else _fused_conv(h, s, last, p.eager_torch)
+    return h if last is None else _fused_conv(h, s, last, p.eager_torch, residual)
 
 
 def _fused_conv_pooled(h: Tensor, launch: Launch) -> Tuple[Tensor, Tensor]:
@@ -312,7 +331,7 @@ def _plan_residual(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
     if reason:
         return Plan(UNFUSED, reason)
     get = block.get_submodule
-    stages = [op for op in r.branch + r.shortcut if isinstance(op, Stage)]
+    stages = [op for op in r.prefix + r.branch + r.shortcut if isinstance(op, Stage)]
     gated = any(isinstance(op, Gate) for op in r.branch)
     if gated:
         reason = _gate_context_reason(block, x)
@@ -322,35 +341,45 @@ def _plan_residual(block: nn.Module, args: tuple, kwargs: dict) -> Plan:
     eager_torch, fmt = execution_plan(x)
     caches = d["_fastres_caches"]
 
+    def bn(op):
+        return get(op.bn) if op.bn is not None else None
+
     def step(op):
         if isinstance(op, Stage):
-            return Launch(get(op.conv), *cached_fold(caches[op.conv], get(op.conv), get(op.bn),
-                                                     fmt, x.dtype), stage_activation(block, op))
+            return Launch(get(op.conv), *cached_fold(caches[op.conv], get(op.conv), bn(op), fmt,
+                                                     x.dtype), stage_activation(block, op))
         if isinstance(op, Gate):
             return GateStep(gate_modules(block)[op.index], op.keepdim)
+        if isinstance(op, Norm):
+            return partial(run_norm, block, op)
+        if isinstance(op, Segment):
+            return segment_modules(block)[op.index]
         return get(op.module)
 
     def steps(ops):
         return tuple(step(op) for op in ops)
 
     last, act = r.branch[-1], final_activation(block, r)
+    prefix = steps(r.prefix)
+    extra = tuple(steps(term) for term in r.extra)
     if isinstance(last, Gate):
         return Plan(FOLDED, x=x, eager_torch=eager_torch,
-                    residual=(steps(r.branch), steps(r.shortcut), None, act))
-    conv, bn = get(last.conv), get(last.bn)
+                    residual=(prefix, steps(r.branch), steps(r.shortcut), None, act, extra))
+    conv, last_bn = get(last.conv), bn(last)
     if dual_gemm_shortcut(block, r):
         ds = r.shortcut[-1]
         ds_conv = get(ds.conv)
-        weight, weight2, bias = cached_fold_with_shortcut(caches["last"], conv, bn, ds_conv,
-                                                          get(ds.bn), fmt, x.dtype)
-        final = Launch(conv, weight, bias, act, shortcut=(weight2, tuple(ds_conv.stride)))
+        weight, weight2, bias = cached_fold_with_shortcut(caches["last"], conv, last_bn, ds_conv,
+                                                          bn(ds), fmt, x.dtype)
+        final = Launch(conv, weight, bias, act, residual=bool(r.extra),
+                       shortcut=(weight2, tuple(ds_conv.stride)))
         shortcut = steps(r.shortcut[:-1])
     else:
-        final = Launch(conv, *cached_fold(caches["last"], conv, bn, fmt, x.dtype), act,
+        final = Launch(conv, *cached_fold(caches["last"], conv, last_bn, fmt, x.dtype), act,
                        residual=True)
         shortcut = steps(r.shortcut)
     return Plan(FOLDED, x=x, eager_torch=eager_torch,
-                residual=(steps(r.branch[:-1]), shortcut, final, act))
+                residual=(prefix, steps(r.branch[:-1]), shortcut, final, act, extra))
 
 
 def _gate_context_reason(block: nn.Module, x: Tensor) -> Optional[str]:
@@ -400,9 +429,15 @@ def prepare_input(x: Tensor, named_convs) -> Tensor:
     return x
 
 
-def _fused_conv(h: Tensor, x: Tensor, launch: Launch, eager_torch: bool) -> Tensor:
+def _fused_conv(h: Tensor, x: Tensor, launch: Launch, eager_torch: bool,
+                residual: Optional[Tensor] = None) -> Tensor:
+    """The launch's conv of h, x its shortcut GEMM's input and its residual unless `residual`
+    is given."""
     conv = launch.conv
-    residual = x if launch.residual else None
+    if launch.residual and residual is None:
+        residual = x
+    elif not launch.residual:
+        residual = None
     shortcut = (x,) + launch.shortcut if launch.shortcut is not None else None
     if eager_torch:
         # The plan already checked dtypes and devices, and nothing here needs autograd.

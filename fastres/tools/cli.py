@@ -102,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     from fastres.tools import demo
 
-    models = demo.resnet_models()
+    models = demo.demo_models()
     if args.model not in models:
         print(f"{command}: unknown model {args.model!r}; choose one of: {', '.join(models)}")
         return 2
@@ -203,8 +203,9 @@ def _positive_int(text: str) -> int:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # No `choices`: listing torchvision's models would import torchvision to build the parser.
     parser.add_argument("--model", default="resnet50",
-                        help="a torchvision ResNet, Wide ResNet or ResNeXt, built with random "
-                             "weights (default: resnet50; an unknown name lists the valid ones)")
+                        help="a torchvision ResNet, Wide ResNet, ResNeXt, RegNet, MobileNetV2 or "
+                             "EfficientNet, built with random weights (default: resnet50; an "
+                             "unknown name lists the valid ones)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the models and input in channels_last (default: on)")
     parser.add_argument("--seed", type=int, default=0,

@@ -10,7 +10,7 @@ It converts the model and shows:
      interpreter in a subprocess (TRITON_INTERPRET must be set before fastres is imported).
 The exit code is 0 when every check passes and 1 otherwise.
 fastres.tools.cli parses the options and checks, before importing this module, that torchvision
-is installed and the model is one of resnet_models().
+is installed and the model is one of demo_models().
 """
 from __future__ import annotations
 
@@ -55,10 +55,15 @@ CUDA_WARMUP = 5
 # ---------------------------------------------------------------------------------------------
 # Model, input, check
 
-def resnet_models() -> List[str]:
-    """The torchvision models the demo can build: its ResNets, Wide ResNets and ResNeXts."""
+# torchvision's classification models with ResNet-style blocks or conv -> BN -> act chains
+DEMO_FAMILIES = ("resnet", "wide_resnet", "resnext", "regnet_", "mobilenet_v2", "efficientnet_b")
+
+
+def demo_models() -> List[str]:
+    """The torchvision models the demo can build: its ResNets, Wide ResNets and ResNeXts, and
+    the RegNets, MobileNetV2 and EfficientNets (grouped and depthwise convs, SE gates)."""
     return sorted(name for name in torchvision.models.list_models(torchvision.models)
-                  if name.startswith(("resnet", "wide_resnet", "resnext")))
+                  if name.startswith(DEMO_FAMILIES))
 
 
 def build_model(name: str, seed: int, device: torch.device, dtype: torch.dtype,

@@ -261,14 +261,18 @@ def test_timm_drop_path_blocks_train_unfused():
     assert reasons[0] is None and all("DropPath" in r for r in reasons[1:])
 
 
-def test_block_whose_forward_differs_is_left_alone():
-    fused = fastres.optimize(MyNet(final_relu=False))
-    alone = {e.path: e.detail for e in fastres.fusion_report(fused).left_alone}
-    assert "body.1" in alone and "does not compute a torchvision BasicBlock" in alone["body.1"]
+@pytest.mark.parametrize("kwargs", [dict(final_relu=False), dict(extra=True)],
+                         ids=["no_final_relu", "unused_extra_parameters"])
+def test_block_the_named_path_refuses_is_read_from_its_forward(kwargs, device):
+    """A BasicBlock-shaped block whose forward is not torchvision's (no final ReLU), or that has
+    a child with parameters its forward does not use, is not a BasicBlock to the named path; its
+    traced forward makes it a residual block (fastres.nn.residual), fused and checked."""
+    original, fused = _pair(MyNet(**kwargs))
+    entry = fastres.fusion_report(fused).find("body.1")
+    assert entry.fused and entry.kind == "residual", entry.detail
+    assert "conv1 -> conv2 + downsample.0" in entry.detail
     assert not isinstance(fused.body[1], FusedBasicBlock)
-
-
-def test_block_with_extra_parameters_is_left_alone():
-    fused = fastres.optimize(MyNet(extra=True))
-    alone = {e.path: e.detail for e in fastres.fusion_report(fused).left_alone}
-    assert "extra submodule 'gate'" in alone["body.1"]
+    original, fused = original.to(device), fused.to(device)
+    err, eager_err, scale, _ = _model_errors(original, fused, torch.randn(2, 3, 9, 11, device=device),
+                                             torch.float32)
+    _assert_model_close(err, eager_err, scale, torch.float32)

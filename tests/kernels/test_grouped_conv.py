@@ -185,3 +185,16 @@ def test_grouped_prologue_is_refused(device):
         conv_launch.fused_conv2d(x, torch.randn(16, 4, 3, 3, device=device), None, None, None,
                                  None, out, (1, 1), (1, 1), (1, 1), (1, 1), True,
                                  prologue=(torch.ones(16), torch.zeros(16)), groups=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_depthwise_tap_major_weight(dtype, device):
+    """The layout fastres folds depthwise weights into (nn.folding.kernel_weight_layout: taps
+    outermost, channels contiguous, so a tap's weights load as vectors)."""
+    from fastres.nn.folding import kernel_weight_layout
+
+    c = make(DEPTHWISE["3x3_multiplier2"], dtype, torch.channels_last, device)
+    w = kernel_weight_layout(c["w"])
+    assert w.stride(0) == 1 and torch.equal(w, c["w"])
+    out = launch(dict(c, w=w), dtype, torch.channels_last, device)
+    assert_close(out, F.relu(c["pre"]), dtype, c["L"])
