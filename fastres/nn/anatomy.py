@@ -331,14 +331,27 @@ def probe_reason(block: nn.Module, kind: str, training: bool) -> Optional[str]:
     eval mode or (training=True) in train mode, at every probe shape; None when they agree.
     Callers make sure no hook would run (submodules unhooked, no global hooks); the copy's
     forward is called directly, so the block's own hooks do not run either."""
+    formula = reference.bottleneck_reference if kind == "Bottleneck" else reference.basic_block_reference
+    mode = "train" if training else "eval"
+    return probe_against(block, training, lambda probe: probe.conv1.in_channels, formula,
+                         f"a torchvision {kind} in {mode} mode")
+
+
+def probe_against(block: nn.Module, training: bool, channels_of, formula,
+                  what: str) -> Optional[str]:
+    """The probe itself: a float64 copy of the block in train (training=True) or eval mode with
+    random conv weights and BN statistics; its own forward against formula(probe, x) at every
+    probe shape (twice or four times them where it refuses them); None when they agree, else
+    why. channels_of(probe): the input channels, or None if they cannot be told."""
     gen = torch.Generator().manual_seed(0)
     try:
         probe = copy.deepcopy(block).to(device="cpu", dtype=torch.float64).train(training)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to copy is a reason not to fuse
         return f"could not copy the block for the probe: {type(exc).__name__}: {exc}"
     _randomize(probe, gen)
-    formula = reference.bottleneck_reference if kind == "Bottleneck" else reference.basic_block_reference
-    channels = probe.conv1.in_channels
+    channels = channels_of(probe)
+    if channels is None:
+        return "no conv or BN reads the block's input directly (its channels are unknown)"
     failure = None
     for scale in PROBE_SCALES:
         failure = None
@@ -348,14 +361,13 @@ def probe_reason(block: nn.Module, kind: str, training: bool) -> Optional[str]:
                 with torch.no_grad():
                     got = probe.forward(x.clone())
                     want = formula(probe, x.clone())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a forward that fails here is not fused
                 failure = f"forward() failed on a probe input: {type(exc).__name__}: {exc}"
                 break
             if (not isinstance(got, Tensor) or got.shape != want.shape
                     or not torch.allclose(got, want, rtol=1e-9, atol=1e-9)):
-                mode = "train" if training else "eval"
-                return (f"forward() does not compute a torchvision {kind} in {mode} mode (checked "
-                        f"on a {batch}x{channels}x{h * scale}x{w * scale} probe input)")
+                return (f"forward() does not compute {what} (checked on a "
+                        f"{batch}x{channels}x{h * scale}x{w * scale} probe input)")
         if failure is None:
             return None
     return failure

@@ -27,8 +27,6 @@ chains fused as chains where they can be).
 """
 from __future__ import annotations
 
-import copy
-import math
 import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -37,9 +35,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from fastres import activations, reference
+from fastres import activations
 from fastres.nn.anatomy import (
-    PROBE_SCALES,
     PROBE_SHAPES,
     acts_as_identity,
     attributes_changed,
@@ -51,6 +48,7 @@ from fastres.nn.anatomy import (
     is_bn_act,
     is_drop_layer,
     original_class,
+    probe_against,
     structure_changed,
     submodule_hooks_reason,
     timm_bn_act_class,
@@ -680,41 +678,11 @@ def input_channels(block: nn.Module, r: Residual) -> Optional[int]:
 
 def probe_residual(block: nn.Module, r: Residual) -> Optional[str]:
     """Run the block's own forward and residual_formula on a randomised float64 copy in eval
-    mode at every probe shape; None when they agree. Callers make sure no hook would run."""
-    gen = torch.Generator().manual_seed(0)
-    try:
-        probe = copy.deepcopy(block).to(device="cpu", dtype=torch.float64).eval()
-    except Exception as exc:  # noqa: BLE001
-        return f"could not copy the block for the probe: {type(exc).__name__}: {exc}"
-    with torch.no_grad():
-        for m in probe.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64)
-                               / math.sqrt(fan_in))
-    reference.randomize_batchnorms(probe, gen, shift_scale=1.0)
-    channels = input_channels(probe, r)
-    if channels is None:
-        return "no conv or BN reads the block's input directly (its channels are unknown)"
-    failure = None
-    for scale in PROBE_SCALES:
-        failure = None
-        for batch, h, w in PROBE_SHAPES:
-            x = torch.randn(batch, channels, h * scale, w * scale, generator=gen, dtype=torch.float64)
-            try:
-                with torch.no_grad():
-                    got = probe.forward(x.clone())
-                    want = residual_formula(probe, r, x.clone())
-            except Exception as exc:  # noqa: BLE001
-                failure = f"forward() failed on a probe input: {type(exc).__name__}: {exc}"
-                break
-            if (not isinstance(got, Tensor) or got.shape != want.shape
-                    or not torch.allclose(got, want, rtol=1e-9, atol=1e-9)):
-                return (f"forward() does not compute {r.describe()} in eval mode (checked on a "
-                        f"{batch}x{channels}x{h * scale}x{w * scale} probe input)")
-        if failure is None:
-            return None
-    return failure
+    mode at every probe shape (fastres.nn.anatomy.probe_against); None when they agree.
+    Callers make sure no hook would run."""
+    return probe_against(block, False, lambda probe: input_channels(probe, r),
+                         lambda probe, x: residual_formula(probe, r, x),
+                         f"{r.describe()} in eval mode")
 
 
 # ---------------------------------------------------------------------------------------------
