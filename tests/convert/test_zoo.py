@@ -60,6 +60,26 @@ def test_zoo_model_fuses_its_chains_and_blocks_and_stays_as_accurate_as_eager(na
     assert err <= max(4 * eager_err, 2 * UNIT_ROUNDOFF[torch.float32] * scale), (err, eager_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["timm:mobilenetv2_050",  # half-precision convs are slow on CPUs
+                                  pytest.param("timm:seresnet18", marks=pytest.mark.slow),
+                                  pytest.param("tv:regnet_y_400mf", marks=pytest.mark.slow)])
+def test_zoo_model_in_half_precision(name, dtype, monkeypatch):
+    """The CPU path in bf16 and fp16 (depthwise and grouped convs, SE gates, ReLU6/SiLU): as
+    accurate as eager in the same dtype against float64."""
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = randomize_bn(make(name)).eval()
+    fused = fastres.optimize(copy.deepcopy(model)).to(dtype)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        eager = copy.deepcopy(model).to(dtype)(x.to(dtype)).double()
+        out = fused(x.to(dtype)).double()
+    err, eager_err = (out - ref).abs().max().item(), (eager - ref).abs().max().item()
+    assert err <= max(4 * eager_err, 2 * UNIT_ROUNDOFF[dtype] * ref.abs().max().item()), (err, eager_err)
+
+
 @pytest.mark.skipif(not conv_launch.INTERPRETED, reason="the kernels run through the interpreter here")
 def test_zoo_model_through_the_kernels():
     """timm's mobilenetv2_050: BatchNormAct2d + ReLU6 chains, its depthwise convs in the

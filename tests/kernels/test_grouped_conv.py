@@ -130,14 +130,19 @@ def test_depthwise_gpu_tiles(config, device):
     assert_close(out, F.relu(c["pre"]), torch.float32, c["L"])
 
 
-@pytest.mark.parametrize("kind", ["grouped", "depthwise"])
-@pytest.mark.parametrize("name", ["silu", "gelu", "hardswish", "leaky_relu", "identity"])
-def test_grouped_and_depthwise_activations(kind, name, device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind, fmt", [("grouped", torch.contiguous_format),
+                                       ("depthwise", torch.channels_last)],
+                         ids=["grouped-nchw", "depthwise-nhwc"])
+@pytest.mark.parametrize("name", fastres.activations.NAMES)
+def test_grouped_and_depthwise_activations(name, kind, fmt, dtype, device):
+    """Every epilogue activation on both families in every dtype (each family in the memory
+    format the tests above leave it least covered in)."""
     case = GROUPED["3x3_g4_flat"] if kind == "grouped" else DEPTHWISE["3x3_s1"]
-    c = make(case, torch.float32, torch.channels_last, device)
-    out = launch(c, torch.float32, torch.channels_last, device, activation=(name, 0.2))
+    c = make(case, dtype, fmt, device)
+    out = launch(c, dtype, fmt, device, activation=(name, 0.2))
     want = fastres.activations.apply(c["pre"], name, 0.2)
-    assert_close(out, want, torch.float32, c["L"])
+    assert_close(out, want, dtype, c["L"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
