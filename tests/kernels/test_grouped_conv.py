@@ -130,7 +130,14 @@ def test_depthwise_gpu_tiles(config, device):
     assert_close(out, F.relu(c["pre"]), torch.float32, c["L"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# Every activation in fp32; in fp16 and bf16 with --runslow (the same epilogue code: ReLU6 runs
+# in every dtype and format in the depthwise matrix above, SiLU in test_functional_op_groups,
+# and every activation in every dtype on the plain conv in tests/ops/test_activations.py).
+ACTIVATION_DTYPES = [pytest.param(d, marks=() if d == torch.float32 else pytest.mark.slow, id=i)
+                     for d, i in zip(DTYPES, DTYPE_IDS)]
+
+
+@pytest.mark.parametrize("dtype", ACTIVATION_DTYPES)
 @pytest.mark.parametrize("kind, fmt", [("grouped", torch.contiguous_format),
                                        ("depthwise", torch.channels_last)],
                          ids=["grouped-nchw", "depthwise-nhwc"])
