@@ -729,7 +729,8 @@ def ops_reason(block: nn.Module, r: Residual, training: Optional[bool] = None) -
 
 def residual_block_reason(block: nn.Module, train: bool, call: bool = False) -> Optional[str]:
     """Why a fused residual block runs its own forward whatever the input (None: it fuses), for
-    a call in train (train=True) or eval mode; call: judge the modules' current modes too.
+    a call in train (train=True) or eval mode; call: judge the drop layers in their current
+    mode (the plan passes train=True when any submodule is in train mode).
     Reads the block's fastres state (fastres.nn.blocks.FusedResidualBase)."""
     d = block.__dict__
     if "_fastres_residual" not in d:
@@ -742,8 +743,7 @@ def residual_block_reason(block: nn.Module, train: bool, call: bool = False) -> 
               or submodule_hooks_reason(block))
     if reason:
         return reason
-    if call and any(m.training for m in block.modules()):
-        return "not every submodule is in eval mode"
+    # (a call in eval mode: the plan found every submodule in eval mode already)
     return ops_reason(block, d["_fastres_residual"], None if call else False)
 
 
